@@ -1,0 +1,5 @@
+"""``python -m asicfleet`` is the same as the ``asicfleet`` command."""
+
+from asicfleet.cli import main
+
+main()

@@ -1,0 +1,20 @@
+"""The ``asicfleet`` command: one entry point, a subcommand group per component."""
+
+from __future__ import annotations
+
+import typer
+
+from simulator.cli import app as sim_app
+
+app = typer.Typer(
+    name="asicfleet",
+    help="Fleet agent and controller for licensed ASIC mining farms.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(sim_app, name="sim")
+
+
+def main() -> None:
+    app()

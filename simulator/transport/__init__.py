@@ -1,0 +1,1 @@
+"""Sockets, framing and transport-level faults; personalities never touch a socket."""
