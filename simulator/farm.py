@@ -14,7 +14,7 @@ from simulator import personalities
 from simulator.errors import FarmSpecError
 from simulator.state import Fault, MinerState, Pool
 
-LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 RESERVED = {ipaddress.ip_address("127.0.0.1")}  # control API and everything else on the host
 DEFAULT_MIX = "antminer=60,whatsminer=25,avalon=10,vnish=5"
 DEFAULT_ACCOUNT = "kzfarm01"

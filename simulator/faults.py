@@ -92,7 +92,7 @@ def inject(miner: MinerState, fault: Fault, params: dict[str, Any], now: float) 
         miner.credentials.api_password = new
     elif fault is Fault.DUPLICATE_SERIAL:
         if "serial" not in params:
-            raise FarmSpecError("duplicate_serial needs the serial to clone: {\"serial\": \"…\"}")
+            raise FarmSpecError('duplicate_serial needs the serial to clone: {"serial": "…"}')
         params["_saved"] = miner.serial
         miner.serial = str(params["serial"])
     elif fault is Fault.MAC_CHANGE:
@@ -137,7 +137,7 @@ def _check_pools(pools: Any) -> None:
         isinstance(p, dict) and isinstance(p.get("url"), str) and isinstance(p.get("user"), str)
         for p in pools
     ):
-        raise FarmSpecError("pools must be a list of {\"url\": …, \"user\": …, \"password\": …}")
+        raise FarmSpecError('pools must be a list of {"url": …, "user": …, "password": …}')
     for p in pools:
         Pool(url=p["url"], user=p["user"], password=str(p.get("password", "x")))
 

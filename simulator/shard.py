@@ -95,7 +95,10 @@ class Shard:
                 assert runner.server is not None
                 servers.append(
                     await loop.create_server(
-                        runner.server, host=ip, port=port, reuse_address=True,
+                        runner.server,
+                        host=ip,
+                        port=port,
+                        reuse_address=True,
                         backlog=LISTEN_BACKLOG,
                     )
                 )
@@ -111,8 +114,10 @@ class Shard:
 
     def _note_dynamic(self, miner: MinerState, now: float) -> None:
         """Track miners whose reachability changes over time, so the watcher stays cheap."""
-        if Fault.FLAPPING in miner.faults or miner.booted_at > now or (
-            Fault.OFFLINE in miner.faults
+        if (
+            Fault.FLAPPING in miner.faults
+            or miner.booted_at > now
+            or (Fault.OFFLINE in miner.faults)
         ):
             self._dynamic.add(miner.ip)
 
@@ -120,6 +125,8 @@ class Shard:
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             now = time.time()
+            # A reboot asked for over a miner's own protocol makes it go dark too.
+            self._dynamic.update(ip for ip, m in self.miners.items() if m.booted_at > now)
             for ip in list(self._dynamic):
                 miner = self.miners[ip]
                 up = miner.is_up(now)
@@ -153,11 +160,10 @@ class Shard:
         miner.tick(time.time())
         return miner
 
-    def describe(self, ip: str) -> dict[str, Any]:
-        now = time.time()
-        return self.miner(ip).as_dict(now)
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "miners": len(self.miners), "listening": len(self._servers)}
 
-    def describe_all(self) -> list[dict[str, Any]]:
+    async def list_miners(self) -> list[dict[str, Any]]:
         now = time.time()
         result = []
         for miner in self.miners.values():
@@ -165,23 +171,41 @@ class Shard:
             result.append(miner.as_dict(now))
         return result
 
-    async def inject_fault(self, ip: str, fault: Fault, params: dict[str, Any]) -> dict[str, Any]:
+    async def get_miner(self, ip: str) -> dict[str, Any]:
+        return self.miner(ip).as_dict(time.time())
+
+    async def patch_miner(self, ip: str, changes: dict[str, Any]) -> dict[str, Any]:
         miner = self.miner(ip)
-        fault_ops.inject(miner, fault, params, time.time())
+        if "api_write_enabled" in changes:
+            miner.api_write_enabled = bool(changes["api_write_enabled"])
+        if "web_password" in changes:
+            miner.credentials.web_password = str(changes["web_password"])
+        if "api_password" in changes:
+            miner.credentials.api_password = str(changes["api_password"])
+        miner.log(time.time(), "control", "settings", detail=", ".join(sorted(changes)))
+        return miner.as_dict(time.time())
+
+    async def inject_fault(self, ip: str, fault: str, params: dict[str, Any]) -> dict[str, Any]:
+        miner = self.miner(ip)
+        fault_ops.inject(miner, Fault(fault), params, time.time())
         await self._refresh(miner)
         return miner.as_dict(time.time())
 
-    async def clear_fault(self, ip: str, fault: Fault | None) -> dict[str, Any]:
+    async def clear_fault(self, ip: str, fault: str | None) -> dict[str, Any]:
         miner = self.miner(ip)
-        fault_ops.clear(miner, fault, time.time())
+        fault_ops.clear(miner, None if fault is None else Fault(fault), time.time())
         await self._refresh(miner)
         return miner.as_dict(time.time())
 
-    def tamper_pools(self, ip: str, pools: list[Pool], actor: str) -> dict[str, Any]:
+    async def tamper_pools(
+        self, ip: str, pools: list[dict[str, Any]], actor: str
+    ) -> dict[str, Any]:
         """Change pools behind the operator's back, as malware or an insider would."""
         miner = self.miner(ip)
         now = time.time()
-        miner.pools = pools
+        miner.pools = [
+            Pool(str(p["url"]), str(p["user"]), str(p.get("password", "x"))) for p in pools
+        ]
         miner.mining_resumes_at = now + miner.restart_seconds
         miner.log(now, actor, "pools", write=True, detail="tampered via control API")
         return miner.as_dict(now)
@@ -200,10 +224,10 @@ class Shard:
         await self._refresh(fresh)
         return fresh.as_dict(time.time())
 
-    def request_log(self, ip: str) -> list[dict[str, Any]]:
+    async def request_log(self, ip: str) -> list[dict[str, Any]]:
         return list(self.miner(ip).request_log)
 
-    def clear_log(self, ip: str) -> None:
+    async def clear_log(self, ip: str) -> None:
         self.miner(ip).request_log.clear()
 
 
@@ -211,7 +235,10 @@ def _explain_bind_error(ip: str, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return f"cannot listen on {ip}: address already in use (is another farm running there?)"
     if exc.errno == errno.EACCES:
-        return f"cannot listen on {ip}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        return (
+            f"cannot listen on {ip}: permission denied "
+            "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        )
     if exc.errno == errno.EMFILE:
         return f"cannot listen on {ip}: too many open files (use more --workers)"
     if exc.errno == errno.EADDRNOTAVAIL:

@@ -230,7 +230,7 @@ class MinerState:
         hr_factor, power_factor = MODE_FACTORS[self.mode]
         if self.power_limit_w is not None and self.power_limit_w > 0:
             limit_factor = min(1.0, self.power_limit_w / self.nominal_w)
-            hr_factor = min(hr_factor, limit_factor ** 0.85)
+            hr_factor = min(hr_factor, limit_factor**0.85)
             power_factor = min(power_factor, limit_factor)
         live_boards = [b for b in self.hashboards if b.index not in dead]
         board_ths = tuple(
@@ -259,7 +259,9 @@ class MinerState:
             fans = tuple(0 for _ in range(self.fan_count))
         else:
             base = 1800 + 4200 * min(load, 1.2)
-            fans = tuple(int(base + rng.uniform(-120, 120)) // 10 * 10 for _ in range(self.fan_count))
+            fans = tuple(
+                int(base + rng.uniform(-120, 120)) // 10 * 10 for _ in range(self.fan_count)
+            )
         return Telemetry(
             hashing=hashing,
             hashrate_ths=round(sum(board_ths), 3),
@@ -322,9 +324,7 @@ class MinerState:
         self.booted_at = now + self.reboot_seconds
         self.mining_resumes_at = self.booted_at + self.restart_seconds
 
-    def log(
-        self, now: float, via: str, op: str, *, write: bool = False, detail: str = ""
-    ) -> None:
+    def log(self, now: float, via: str, op: str, *, write: bool = False, detail: str = "") -> None:
         """Record one request in the per-miner log the control API exposes."""
         self.request_log.append(
             {"ts": round(now, 3), "via": via, "op": op, "write": write, "detail": detail}

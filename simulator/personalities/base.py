@@ -28,14 +28,13 @@ from simulator.state import Credentials, Hashboard, MinerState, Pool
 RpcReply = dict[str, Any] | bytes | None
 """A reply to one RPC request: a JSON object, raw bytes, or None to close silently."""
 
-MINER_KEY = "asicfleet.simulator.miner"
+MINER_KEY = web.RequestKey("miner", MinerState)
 """Where the web transport puts the served miner on each aiohttp request."""
 
 
 def miner_of(request: web.Request) -> MinerState:
     """The virtual miner an aiohttp request was addressed to."""
-    miner: MinerState = request[MINER_KEY]
-    return miner
+    return request[MINER_KEY]
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,12 @@ class Personality(ABC):
         }
 
     def rpc_ok(
-        self, miner: MinerState, code: int, msg: str, section: str, rows: list[dict[str, Any]],
+        self,
+        miner: MinerState,
+        code: int,
+        msg: str,
+        section: str,
+        rows: list[dict[str, Any]],
         now: float,
     ) -> dict[str, Any]:
         return {"STATUS": [self.rpc_status(miner, code, msg, now)], section: rows, "id": 1}

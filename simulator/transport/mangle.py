@@ -24,7 +24,7 @@ def oversized(body: bytes, size: int) -> bytes:
     stripped = body.rstrip(b"\x00")
     if not stripped.endswith(b"}") or size <= len(stripped):
         return body + b" " * max(0, size - len(body))
-    padding = b"A" * (size - len(stripped) - 12)
+    padding = b"A" * (size - len(stripped) - 10)
     return stripped[:-1] + b',"_pad":"' + padding + b'"}' + body[len(stripped) :]
 
 

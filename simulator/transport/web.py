@@ -67,6 +67,6 @@ def _apply_body_faults(miner: MinerState, response: web.StreamResponse) -> web.S
 
 async def start_web_runner(app: web.Application) -> web.AppRunner:
     """Set up a runner whose ``server`` is the protocol factory for every miner's socket."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     return runner
