@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -13,8 +14,10 @@ from simulator.state import MinerState
 
 FarmFactory = Callable[..., Awaitable[Shard]]
 
-# Each farm gets its own /24 so that leftover sockets of one test never answer another.
-_subnets = (f"127.{20 + i // 250}.{i % 250}.0/24" for i in itertools.count())
+# Each farm gets its own /24 so that leftover sockets of one test never answer another;
+# the second octet depends on the process so that parallel pytest runs do not collide.
+_BASE = 100 + (os.getpid() % 50) * 2
+_subnets = (f"127.{_BASE + i // 250}.{i % 250}.0/24" for i in itertools.count())
 
 
 @pytest.fixture
