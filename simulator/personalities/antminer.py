@@ -393,7 +393,7 @@ class AntminerStock(Personality):
 
     # --- RPC (port 4028) --------------------------------------------------------------------------
 
-    def rpc_command(
+    def dispatch_command(
         self,
         miner: MinerState,
         command: str,
@@ -404,10 +404,10 @@ class AntminerStock(Personality):
         """cgminer access control: unknown → 14, known but outside group A → 45."""
         if command not in CGMINER_COMMANDS:
             miner.log(now, "rpc", command or "?", detail="invalid command")
-            return self.rpc_error(14, "Invalid command", now)
+            return self.error_reply(14, "Invalid command", now)
         if command not in API_GROUP:
             miner.log(now, "rpc", command, detail="access denied")
-            return self.rpc_error(45, f"Access denied to '{command}' command", now)
+            return self.error_reply(45, f"Access denied to '{command}' command", now)
         miner.log(now, "rpc", command)
         handler: Callable[..., RpcReply] = getattr(self, f"rpc_{command}")
         return handler(miner, parameter, payload, now)
@@ -422,7 +422,7 @@ class AntminerStock(Personality):
             "CompileTime": miner.firmware_version,
             "Type": miner.model,
         }
-        return self.rpc_ok(miner, 22, "CGMiner versions", "VERSION", [row], now)
+        return self.ok_reply(miner, 22, "CGMiner versions", "VERSION", [row], now)
 
     def rpc_summary(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -461,7 +461,7 @@ class AntminerStock(Personality):
             "Pool Stale%": 0.0,
             "Last getwork": int(now),
         }
-        return self.rpc_ok(miner, 11, "Summary", "SUMMARY", [row], now)
+        return self.ok_reply(miner, 11, "Summary", "SUMMARY", [row], now)
 
     def rpc_pools(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -511,7 +511,7 @@ class AntminerStock(Personality):
                     "Pool Stale%%": 0.0,
                 }
             )
-        return self.rpc_ok(miner, 7, f"{len(rows)} Pool(s)", "POOLS", rows, now)
+        return self.ok_reply(miner, 7, f"{len(rows)} Pool(s)", "POOLS", rows, now)
 
     def rpc_stats(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -581,7 +581,7 @@ class AntminerStock(Personality):
             body["chain_power"] = f"{int(s.telemetry.power_w)} W"
         body["miner_version"] = spec.option("miner_version")
         body["miner_id"] = f"{random.Random(f'{miner.seed}:id').getrandbits(64):016x}"
-        return self.rpc_ok(miner, 70, "CGMiner stats", "STATS", [head, body], now)
+        return self.ok_reply(miner, 70, "CGMiner stats", "STATS", [head, body], now)
 
     def rpc_devs(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -614,7 +614,7 @@ class AntminerStock(Personality):
             "Device Rejected%": 0.0,
             "Device Elapsed": s.elapsed,
         }
-        return self.rpc_ok(miner, 9, "1 ASC(s)", "DEVS", [row], now)
+        return self.ok_reply(miner, 9, "1 ASC(s)", "DEVS", [row], now)
 
     # --- web (port 80) ----------------------------------------------------------------------------
 

@@ -175,7 +175,7 @@ class AvalonPersonality(Personality):
             return None
         return super().handle_rpc(miner, request, port, now)
 
-    def rpc_command(
+    def dispatch_command(
         self,
         miner: MinerState,
         command: str,
@@ -187,12 +187,12 @@ class AvalonPersonality(Personality):
         if getattr(self, f"rpc_{command}", None) is None:
             miner.log(now, "rpc", command or "?", detail="invalid command")
             return self._reply(miner, now, "E", MSG_INVCMD, "Invalid command")
-        return super().rpc_command(miner, command, parameter, payload, now)
+        return super().dispatch_command(miner, command, parameter, payload, now)
 
     def description(self, miner: MinerState) -> str:
         return DESCRIPTION
 
-    def rpc_status(
+    def status_entry(
         self, miner: MinerState, code: int, msg: str, now: float, status: str = "S"
     ) -> dict[str, Any]:
         """``When`` is the controller's clock, which counts from boot on the A-series."""
@@ -204,7 +204,7 @@ class AvalonPersonality(Personality):
             "Description": DESCRIPTION,
         }
 
-    def rpc_error(self, code: int, msg: str, now: float) -> dict[str, Any]:
+    def error_reply(self, code: int, msg: str, now: float) -> dict[str, Any]:
         return {
             "STATUS": [
                 {
@@ -221,7 +221,7 @@ class AvalonPersonality(Personality):
     def _reply(
         self, miner: MinerState, now: float, status: str, code: int, msg: str
     ) -> dict[str, Any]:
-        return {"STATUS": [self.rpc_status(miner, code, msg, now, status)], "id": 1}
+        return {"STATUS": [self.status_entry(miner, code, msg, now, status)], "id": 1}
 
     # --- read commands ------------------------------------------------------------------------
 
@@ -243,7 +243,7 @@ class AvalonPersonality(Personality):
             "MAC": miner.mac.replace(":", "").lower(),
             "UPAPI": "2",
         }
-        return self.rpc_ok(miner, MSG_VERSION, "CGMiner versions", "VERSION", [row], now)
+        return self.ok_reply(miner, MSG_VERSION, "CGMiner versions", "VERSION", [row], now)
 
     def rpc_devdetails(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -257,7 +257,7 @@ class AvalonPersonality(Personality):
             "Model": "",
             "Device Path": "",
         }
-        return self.rpc_ok(miner, MSG_DEVDETAILS, "Device Details", "DEVDETAILS", [row], now)
+        return self.ok_reply(miner, MSG_DEVDETAILS, "Device Details", "DEVDETAILS", [row], now)
 
     def rpc_summary(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -297,7 +297,7 @@ class AvalonPersonality(Personality):
             "Pool Stale%": 0.0,
             "Last getwork": self._clock(miner, now),
         }
-        return self.rpc_ok(miner, MSG_SUMM, "Summary", "SUMMARY", [row], now)
+        return self.ok_reply(miner, MSG_SUMM, "Summary", "SUMMARY", [row], now)
 
     def rpc_devs(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -335,7 +335,7 @@ class AvalonPersonality(Personality):
             "Device Rejected%": self._pct(rejected, accepted + rejected),
             "Device Elapsed": elapsed,
         }
-        return self.rpc_ok(miner, MSG_DEVS, "1 ASC(s)", "DEVS", [row], now)
+        return self.ok_reply(miner, MSG_DEVS, "1 ASC(s)", "DEVS", [row], now)
 
     def rpc_pools(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -343,12 +343,12 @@ class AvalonPersonality(Personality):
         rows = self._pool_rows(miner, now)
         if not rows:
             return self._reply(miner, now, "E", MSG_NOPOOL, "No pools")
-        return self.rpc_ok(miner, MSG_POOL, f"{len(rows)} Pool(s)", "POOLS", rows, now)
+        return self.ok_reply(miner, MSG_POOL, f"{len(rows)} Pool(s)", "POOLS", rows, now)
 
     def rpc_stats(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
     ) -> RpcReply:
-        return self.rpc_ok(
+        return self.ok_reply(
             miner, MSG_MINESTATS, "CGMiner stats", "STATS", self._stats_rows(miner, now), now
         )
 

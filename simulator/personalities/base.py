@@ -134,9 +134,9 @@ class Personality(ABC):
         try:
             payload = json.loads(request.rstrip(b"\x00\r\n ").decode("utf-8", "replace"))
         except ValueError:
-            return self.rpc_error(23, "Invalid JSON", now)
+            return self.error_reply(23, "Invalid JSON", now)
         if not isinstance(payload, dict):
-            return self.rpc_error(23, "Invalid JSON", now)
+            return self.error_reply(23, "Invalid JSON", now)
         return self.handle_rpc_json(miner, payload, port, now)
 
     def handle_rpc_json(
@@ -146,22 +146,22 @@ class Personality(ABC):
         command = str(payload.get("command", payload.get("cmd", "")))
         parameter = payload.get("parameter")
         if "+" in command:
-            return self.rpc_multi(miner, command, payload, now)
-        return self.rpc_command(miner, command, parameter, payload, now)
+            return self.multi_reply(miner, command, payload, now)
+        return self.dispatch_command(miner, command, parameter, payload, now)
 
-    def rpc_multi(
+    def multi_reply(
         self, miner: MinerState, command: str, payload: dict[str, Any], now: float
     ) -> RpcReply:
         """cgminer multi-command: each member's full reply wrapped in a 1-element list."""
         reply: dict[str, Any] = {}
         for member in dict.fromkeys(c for c in command.split("+") if c):
-            result = self.rpc_command(miner, member, None, payload, now)
+            result = self.dispatch_command(miner, member, None, payload, now)
             if isinstance(result, dict):
                 reply[member] = [result]
         reply["id"] = 1
         return reply
 
-    def rpc_command(
+    def dispatch_command(
         self,
         miner: MinerState,
         command: str,
@@ -170,17 +170,19 @@ class Personality(ABC):
         now: float,
     ) -> RpcReply:
         """Dispatch a single command to ``rpc_<command>``; unknown commands get code 14."""
-        handler: Callable[..., RpcReply] | None = getattr(self, f"rpc_{command}", None)
+        handler: Callable[..., RpcReply] | None = (
+            getattr(self, f"rpc_{command}", None) if command.isidentifier() else None
+        )
         if handler is None:
             miner.log(now, "rpc", command or "?", detail="invalid command")
-            return self.rpc_error(14, "Invalid command", now)
+            return self.error_reply(14, "Invalid command", now)
         miner.log(now, "rpc", command)
         return handler(miner, parameter, payload, now)
 
     def description(self, miner: MinerState) -> str:
         return "cgminer 1.0.0"
 
-    def rpc_status(
+    def status_entry(
         self, miner: MinerState, code: int, msg: str, now: float, status: str = "S"
     ) -> dict[str, Any]:
         return {
@@ -191,7 +193,7 @@ class Personality(ABC):
             "Description": self.description(miner),
         }
 
-    def rpc_ok(
+    def ok_reply(
         self,
         miner: MinerState,
         code: int,
@@ -200,9 +202,9 @@ class Personality(ABC):
         rows: list[dict[str, Any]],
         now: float,
     ) -> dict[str, Any]:
-        return {"STATUS": [self.rpc_status(miner, code, msg, now)], section: rows, "id": 1}
+        return {"STATUS": [self.status_entry(miner, code, msg, now)], section: rows, "id": 1}
 
-    def rpc_error(self, code: int, msg: str, now: float) -> dict[str, Any]:
+    def error_reply(self, code: int, msg: str, now: float) -> dict[str, Any]:
         return {
             "STATUS": [
                 {

@@ -231,12 +231,12 @@ class VNishPersonality(Personality):
     def description(self, miner: MinerState) -> str:
         return f"cgminer {CGMINER_VERSION}"
 
-    def rpc_error(self, code: int, msg: str, now: float) -> dict[str, Any]:
-        reply = super().rpc_error(code, msg, now)
+    def error_reply(self, code: int, msg: str, now: float) -> dict[str, Any]:
+        reply = super().error_reply(code, msg, now)
         reply["STATUS"][0]["Description"] = f"cgminer {CGMINER_VERSION}"
         return reply
 
-    def rpc_command(
+    def dispatch_command(
         self,
         miner: MinerState,
         command: str,
@@ -247,8 +247,8 @@ class VNishPersonality(Personality):
         """Write commands exist in cgminer but the API group denies them from the network."""
         if command in PRIVILEGED_RPC:
             miner.log(now, "rpc", command, detail="access denied")
-            return self.rpc_error(45, f"Access denied to '{command}' command", now)
-        return super().rpc_command(miner, command, parameter, payload, now)
+            return self.error_reply(45, f"Access denied to '{command}' command", now)
+        return super().dispatch_command(miner, command, parameter, payload, now)
 
     def rpc_version(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -260,7 +260,7 @@ class VNishPersonality(Personality):
             "Miner": HARDWARE_VERSION,
             "CompileTime": _compile_time(miner.firmware_version),
         }
-        return self.rpc_ok(miner, 22, "CGMiner versions", "VERSION", [row], now)
+        return self.ok_reply(miner, 22, "CGMiner versions", "VERSION", [row], now)
 
     def rpc_devdetails(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -277,7 +277,7 @@ class VNishPersonality(Personality):
             }
             for b in miner.hashboards
         ]
-        return self.rpc_ok(miner, 69, "Device Details", "DEVDETAILS", rows, now)
+        return self.ok_reply(miner, 69, "Device Details", "DEVDETAILS", rows, now)
 
     def rpc_summary(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -316,7 +316,7 @@ class VNishPersonality(Personality):
             "Last getwork": int(now),
             "Fee Percent": _devfee(miner)["percent"],
         }
-        return self.rpc_ok(miner, 11, "Summary", "SUMMARY", [row], now)
+        return self.ok_reply(miner, 11, "Summary", "SUMMARY", [row], now)
 
     def rpc_pools(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -348,7 +348,7 @@ class VNishPersonality(Personality):
             )
         )
         msg = f"{len(rows) - 1 + DEVFEE_SLOTS} Pool(s)"
-        return self.rpc_ok(miner, 7, msg, "POOLS", rows, now)
+        return self.ok_reply(miner, 7, msg, "POOLS", rows, now)
 
     def rpc_stats(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -414,7 +414,7 @@ class VNishPersonality(Personality):
             stats[f"chain_consumption{n}"] = 0
         stats["miner_version"] = HARDWARE_VERSION
         stats["build_version"] = miner.firmware_version
-        return self.rpc_ok(miner, 70, "CGMiner stats", "STATS", [head, stats], now)
+        return self.ok_reply(miner, 70, "CGMiner stats", "STATS", [head, stats], now)
 
     def rpc_devs(
         self, miner: MinerState, parameter: Any, payload: dict[str, Any], now: float
@@ -438,7 +438,7 @@ class VNishPersonality(Personality):
             }
             for b in miner.hashboards
         ]
-        return self.rpc_ok(miner, 9, f"{len(rows)} ASC(s)", "DEVS", rows, now)
+        return self.ok_reply(miner, 9, f"{len(rows)} ASC(s)", "DEVS", rows, now)
 
     # --- web (port 80) ------------------------------------------------------------------------
 

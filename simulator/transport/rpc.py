@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_IDLE_TIMEOUT_S = 10.0
+REQUEST_SETTLE_S = 0.5  # like cgminer's single recv(): an incomplete request is answered as is
 BLACKHOLE_HOLD_S = 600.0
 
 Lookup = Callable[[str], tuple[MinerState, Personality] | None]
@@ -38,6 +39,7 @@ class RpcProtocol(asyncio.Protocol):
         self._target: tuple[MinerState, Personality] | None = None
         self._answered = False
         self._timer: asyncio.TimerHandle | None = None
+        self._settle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -53,8 +55,9 @@ class RpcProtocol(asyncio.Protocol):
         self._timer = loop.call_later(hold, transport.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._settle):
+            if timer is not None:
+                timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self._answered or self._target is None:
@@ -63,7 +66,16 @@ class RpcProtocol(asyncio.Protocol):
         if len(self._buffer) > MAX_REQUEST_BYTES:
             self._respond(b'{"STATUS":[{"STATUS":"E","Code":23,"Msg":"Invalid JSON"}],"id":1}')
             return
+        if self._settle is not None:
+            self._settle.cancel()
         if self._complete():
+            self._dispatch()
+        else:
+            loop = asyncio.get_running_loop()
+            self._settle = loop.call_later(REQUEST_SETTLE_S, self._dispatch_if_pending)
+
+    def _dispatch_if_pending(self) -> None:
+        if not self._answered and self._target is not None and self._buffer:
             self._dispatch()
 
     def eof_received(self) -> bool | None:
@@ -94,7 +106,7 @@ class RpcProtocol(asyncio.Protocol):
             reply = personality.handle_rpc(miner, bytes(self._buffer), self._port, now)
         except Exception:  # a bug in a personality must not kill the farm
             log.exception("personality %s failed on %s", personality.name, miner.ip)
-            reply = personality.rpc_error(14, "Internal error", now)
+            reply = personality.error_reply(14, "Internal error", now)
         if reply is None:
             self._answered = True
             self._close()
