@@ -1,0 +1,88 @@
+"""The wire contract: versions, validation, signing bytes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from contract import (
+    CONTRACT_VERSION,
+    Observation,
+    PolicyBundle,
+    PolicyContent,
+    ReportBatch,
+    UnsupportedContractVersion,
+    check_version,
+)
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def batch(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "batch_id": str(uuid.uuid4()),
+        "agent_clock": "2026-11-01T00:00:00Z",
+        "sequence": 1,
+        "observations": [
+            {"ip": "127.10.0.1", "observed_at": "2026-11-01T00:00:00Z", "reachable": True}
+        ],
+    }
+    return base | changes
+
+
+def test_round_trip_keeps_everything() -> None:
+    parsed = ReportBatch.model_validate(batch())
+    again = ReportBatch.model_validate_json(parsed.model_dump_json())
+    assert again == parsed
+    assert again.contract_version == CONTRACT_VERSION
+
+
+def test_newer_minor_is_accepted_and_unknown_fields_ignored() -> None:
+    parsed = ReportBatch.model_validate(batch(contract_version="1.7", future_field=3))
+    assert parsed.contract_version == "1.7"
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_unknown_major_is_refused_with_a_clear_message(version: str) -> None:
+    with pytest.raises(ValidationError, match=f"contract version {version} is not supported"):
+        ReportBatch.model_validate(batch(contract_version=version))
+    with pytest.raises(UnsupportedContractVersion):
+        check_version(version)
+
+
+def test_garbage_version_is_refused() -> None:
+    with pytest.raises(UnsupportedContractVersion, match="MAJOR.MINOR"):
+        check_version("one")
+
+
+def test_naive_timestamps_are_refused_not_guessed() -> None:
+    with pytest.raises(ValidationError, match="timezone"):
+        Observation.model_validate(
+            {"ip": "127.10.0.1", "observed_at": "2026-11-01T00:00:00", "reachable": True}
+        )
+
+
+def test_malformed_items_name_the_field() -> None:
+    bad = batch(observations=[{"ip": "not-an-ip", "observed_at": "2026-11-01T00:00:00Z"}])
+    with pytest.raises(ValidationError) as info:
+        ReportBatch.model_validate(bad)
+    locations = {tuple(e["loc"]) for e in info.value.errors()}
+    assert ("observations", 0, "ip") in locations
+    assert ("observations", 0, "reachable") in locations
+
+
+def test_policy_signing_bytes_exclude_the_signature_and_are_stable() -> None:
+    bundle = PolicyBundle(
+        version=3,
+        issued_at=NOW,
+        expires_at=NOW + timedelta(days=1),
+        content=PolicyContent(site="alpha"),
+    )
+    signed = bundle.model_copy(update={"signature": "c2ln"})
+    assert bundle.signing_bytes() == signed.signing_bytes()
+    assert b'"version":3' in bundle.signing_bytes()
+    changed = bundle.model_copy(update={"version": 4})
+    assert changed.signing_bytes() != bundle.signing_bytes()
