@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from controller.cli import app as controller_app
 from simulator.cli import app as sim_app
 
 app = typer.Typer(
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(sim_app, name="sim")
+app.add_typer(controller_app, name="controller")
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""HTTP API routes, one module per area; ``controller.app`` includes them all."""
