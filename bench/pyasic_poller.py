@@ -133,7 +133,9 @@ async def run_step(
     )
 
 
-async def bench_size(size: int, subnet: str, concurrency: int) -> list[StepResult]:
+async def bench_size(
+    size: int, subnet: str, concurrency: int, identify_concurrency: int
+) -> list[StepResult]:
     import pyasic
     from pyasic import settings
 
@@ -163,7 +165,7 @@ async def bench_size(size: int, subnet: str, concurrency: int) -> list[StepResul
             data = await miner.get_data()
             return data.hashrate is not None
 
-        results = [await run_step("identify", ips, identify, concurrency, sim)]
+        results = [await run_step("identify", ips, identify, identify_concurrency, sim)]
         found = list(miners.values())
         results.append(await run_step("poll subset", found, poll_subset, concurrency, sim))
         results.append(await run_step("poll full", found, poll_full, concurrency, sim))
@@ -181,7 +183,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--sizes", default="1000,10000", help="farm sizes, comma-separated")
-    parser.add_argument("--concurrency", type=int, default=500, help="requests in flight")
+    parser.add_argument("--concurrency", type=int, default=200, help="polls in flight")
+    parser.add_argument(
+        "--identify-concurrency",
+        type=int,
+        default=50,
+        help="identifications in flight (pyasic's 3 s factory timeout fails them all when the "
+        "client's event loop is saturated, e.g. 500 at once)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -196,7 +205,8 @@ def main() -> None:
     per_size: dict[int, dict[str, StepResult]] = {}
     for index, size in enumerate(sizes):
         print(f"farm of {size}:", flush=True)
-        rows = asyncio.run(bench_size(size, f"127.{60 + index}.0.0/16", args.concurrency))
+        subnet = f"127.{60 + index}.0.0/16"
+        rows = asyncio.run(bench_size(size, subnet, args.concurrency, args.identify_concurrency))
         per_size[size] = {r.name: r for r in rows}
         print(header)
         for row in rows:
