@@ -196,7 +196,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print(
         f"pyasic poller vs asicfleet simulator; {os.cpu_count()} cores; "
-        f"concurrency {args.concurrency}"
+        f"concurrency {args.concurrency} (identify {args.identify_concurrency})"
     )
     header = (
         f"{'miners':>7} {'step':<12} {'ok':>6} {'wall s':>8} {'miners/s':>9} "
