@@ -1,0 +1,1 @@
+"""Alembic environment and revisions for the controller's schema (see controller.migrations)."""

@@ -1,0 +1,53 @@
+"""What every controller command shares: settings, the engine, one-line errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from sqlalchemy.engine import Engine
+
+from controller.errors import ConfigError
+from controller.settings import Settings, load_settings
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and a non-zero exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@dataclass
+class CliContext:
+    data_dir: Path | None = None
+    database_url: str | None = None
+    _settings: Settings | None = field(default=None, init=False)
+    _engine: Engine | None = field(default=None, init=False)
+
+    def settings(self, **overrides: Any) -> Settings:
+        if self._settings is None or overrides:
+            try:
+                self._settings = load_settings(
+                    data_dir=self.data_dir, database_url=self.database_url, **overrides
+                )
+            except ConfigError as exc:
+                fail(str(exc), code=2)
+        return self._settings
+
+    def engine(self) -> Engine:
+        """The engine, after making sure the schema is migrated to the latest revision."""
+        if self._engine is None:
+            from controller.cli.server import migrated_engine
+
+            self._engine, _, _ = migrated_engine(self.settings())
+        return self._engine
+
+
+def context(ctx: typer.Context) -> CliContext:
+    obj = ctx.find_object(CliContext)
+    if obj is None:  # called without the group callback (tests invoking a command directly)
+        obj = CliContext()
+        ctx.obj = obj
+    return obj
