@@ -1,0 +1,114 @@
+"""Logging in: name and password (JSON or an OAuth2 password form) for a bearer token."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from controller import accounts
+from controller.api.deps import SessionDep
+
+router = APIRouter(tags=["auth"])
+
+
+class LoginRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=accounts.MAX_PASSWORD_LENGTH)
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_at: datetime | None
+    user: str
+    role: str
+
+
+_FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
+
+
+async def login_body(request: Request) -> LoginRequest:
+    """Accept ``{"name", "password"}`` as JSON, or ``username``/``password`` as an OAuth2 form."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw: Any
+    if content_type in (_FORM, _MULTIPART):
+        form = await request.form()
+        raw = {"name": form.get("username"), "password": form.get("password")}
+    elif content_type in ("application/json", ""):
+        body = await request.body()
+        try:
+            raw = json.loads(body) if body else None
+        except ValueError:
+            raise _invalid("body", "body is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise _invalid("body", 'expected a JSON object {"name": ..., "password": ...}')
+    else:
+        raise _invalid("body", f"expected application/json or {_FORM}, got {content_type}")
+    try:
+        return LoginRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_context=False)]
+        ) from None
+
+
+def _invalid(where: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": (where,), "msg": message}])
+
+
+_LOGIN_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": LoginRequest.model_json_schema()},
+            _FORM: {
+                "schema": {
+                    "type": "object",
+                    "required": ["username", "password"],
+                    "properties": {
+                        "username": {"type": "string"},
+                        "password": {"type": "string", "format": "password"},
+                        "grant_type": {"type": "string", "enum": ["password"]},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/auth/token",
+    response_model=TokenResponse,
+    openapi_extra=_LOGIN_SCHEMA,
+    responses={401: {"description": "invalid name or password"}},
+)
+def issue_token(
+    credentials: Annotated[LoginRequest, Depends(login_body)],
+    request: Request,
+    session: SessionDep,
+) -> TokenResponse:
+    """A session token (expires after 12 h). A wrong name or password gets the same answer."""
+    source = request.client.host if request.client else ""
+    try:
+        issued = accounts.login(
+            session, name=credentials.name, password=credentials.password, source=source
+        )
+    except accounts.LoginFailed as exc:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
+        ) from None
+    user = accounts.get_user(session, credentials.name)
+    session.commit()
+    return TokenResponse(
+        access_token=issued.secret,
+        expires_at=issued.row.expires_at,
+        user=user.name,
+        role=user.role,
+    )

@@ -1,0 +1,235 @@
+"""``asicfleet controller user|site|agent …``: people, sites and agent enrollment at the console.
+
+The commands call the same services as the API and are audited as ``cli:<os user>``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Annotated, Any, TypeVar
+
+import typer
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+
+from controller import accounts, enrollment, sites
+from controller.actors import cli_actor
+from controller.cli.context import context, fail
+from controller.db import session_scope
+from controller.errors import ControllerError
+from controller.models import Role, utcnow
+
+T = TypeVar("T")
+
+user_app = typer.Typer(help="Users and roles.", no_args_is_help=True)
+site_app = typer.Typer(help="Sites and their LAN segments.", no_args_is_help=True)
+segment_app = typer.Typer(help="A site's LAN segments (CIDRs).", no_args_is_help=True)
+agent_app = typer.Typer(
+    help="Agents: enrollment tokens and the enrolled agents.", no_args_is_help=True
+)
+site_app.add_typer(segment_app, name="segment")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `asicfleet controller` group."""
+    app.add_typer(user_app, name="user")
+    app.add_typer(site_app, name="site")
+    app.add_typer(agent_app, name="agent")
+
+
+def _run(ctx: typer.Context, action: Callable[[Session], T]) -> T:
+    """Run ``action`` in one transaction; a refused change is a one-line error, exit 1."""
+    try:
+        with session_scope(context(ctx).engine()) as session:
+            return action(session)
+    except ControllerError as exc:
+        fail(str(exc))
+    except OperationalError as exc:
+        fail(f"database unavailable: {str(exc.orig).strip().splitlines()[0]}")
+
+
+def _info(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+# --- users --------------------------------------------------------------------------------------
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+        if not password:
+            fail("no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        fail("give --password-stdin and pipe the password in")
+    entered: str = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return entered
+
+
+@user_app.command("add")
+def user_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[Role, typer.Option(help="What the user may do.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Add a user (the first admin is made this way)."""
+    if problem := accounts.name_problem(name):
+        fail(problem)
+    password = _read_password(password_stdin)
+    if problem := accounts.password_problem(password):
+        fail(problem)
+    actor = cli_actor()
+    _run(
+        ctx,
+        lambda s: accounts.create_user(s, actor, name=name, role=role, password=password),
+    )
+    _info(f"user {name} added with role {role.value}")
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context) -> None:
+    """List users with their roles."""
+    rows = _run(ctx, lambda s: [accounts.user_view(u) for u in accounts.list_users(s)])
+    for row in rows:
+        state = "disabled" if row["disabled"] else "active"
+        typer.echo(f"{row['name']:<24} {row['role']:<11} {state}")
+
+
+# --- sites and segments -------------------------------------------------------------------------
+
+
+@site_app.command("add")
+def site_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Short site name, e.g. ekibastuz-1.")],
+    licence: Annotated[str, typer.Option(help="Mining licence number.")],
+    dmp_account: Annotated[str, typer.Option(help="Account at the digital mining pool.")] = "",
+    owner: Annotated[str, typer.Option(help="Legal owner of the site's machines.")] = "",
+) -> None:
+    """Add a site."""
+    actor = cli_actor()
+    _run(
+        ctx,
+        lambda s: sites.create_site(
+            s, actor, name=name, licence_number=licence, dmp_account=dmp_account, owner_name=owner
+        ),
+    )
+    _info(f"site {name} added")
+
+
+@site_app.command("list")
+def site_list(ctx: typer.Context) -> None:
+    """List sites."""
+    rows = _run(ctx, lambda s: [sites.site_view(site) for site in sites.list_sites(s)])
+    for row in rows:
+        typer.echo(f"{row['name']:<24} licence {row['licence_number']:<16} {row['dmp_account']}")
+
+
+@segment_app.command("add")
+def segment_add(
+    ctx: typer.Context,
+    site: Annotated[str, typer.Argument(help="Site name.")],
+    cidr: Annotated[str, typer.Argument(help="LAN segment, e.g. 10.20.1.0/24.")],
+) -> None:
+    """Add a LAN segment to a site (overlapping any existing segment is refused)."""
+    actor = cli_actor()
+    added = _run(ctx, lambda s: sites.add_segment(s, actor, sites.get_site(s, site), cidr).cidr)
+    _info(f"segment {added} added to site {site}")
+
+
+@segment_app.command("list")
+def segment_list(
+    ctx: typer.Context, site: Annotated[str, typer.Argument(help="Site name.")]
+) -> None:
+    """List a site's segments and the agent reporting each."""
+
+    def rows(s: Session) -> list[dict[str, Any]]:
+        found = sites.get_site(s, site)
+        return [sites.segment_view(seg, found.name) for seg in sites.list_segments(s, found)]
+
+    for row in _run(ctx, rows):
+        typer.echo(f"{row['cidr']:<20} {row['agent_id'] or '-'}")
+
+
+# --- agents -------------------------------------------------------------------------------------
+
+
+@agent_app.command("token")
+def agent_token(
+    ctx: typer.Context,
+    site: Annotated[str, typer.Option(help="Site the agent will belong to.")],
+    segment: Annotated[
+        list[str], typer.Option(help="CIDR the agent will report from (repeatable).")
+    ],
+    ttl: Annotated[
+        str | None, typer.Option(help="How long the token is valid, e.g. 30m, 1h, 2d.")
+    ] = None,
+) -> None:
+    """Make a one-time enrollment token. Only the token goes to stdout."""
+    if ttl is None:
+        lifetime = timedelta(seconds=context(ctx).settings().enrollment_ttl_s)
+    else:
+        try:
+            lifetime = enrollment.parse_duration(ttl)
+        except ValueError as exc:
+            fail(str(exc), code=2)
+    actor = cli_actor()
+    issued = _run(
+        ctx,
+        lambda s: enrollment.create_token(s, actor, site_name=site, cidrs=segment, ttl=lifetime),
+    )
+    _info(
+        f"enrollment token for site {issued.site.name}, segments {', '.join(issued.segments)}; "
+        f"valid once until {issued.row.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    typer.echo(issued.secret)
+
+
+def _age(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = int((now - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+@agent_app.command("list")
+def agent_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")] = False,
+) -> None:
+    """List enrolled agents with their version and when they were last seen."""
+    infos = _run(ctx, enrollment.list_agents)
+    now = utcnow()
+    if as_json:
+        payload = [
+            {
+                **enrollment.agent_view(i.agent, i.site, i.segments),
+                "enrolled_at": i.agent.enrolled_at.isoformat(),
+                "last_seen_at": i.agent.last_seen_at.isoformat() if i.agent.last_seen_at else None,
+                "last_address": i.agent.last_address,
+            }
+            for i in infos
+        ]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    if not infos:
+        _info("no agents enrolled")
+        return
+    typer.echo(f"{'ID':<14} {'NAME':<20} {'SITE':<16} {'VERSION':<10} {'LAST SEEN':<10} SEGMENTS")
+    for i in infos:
+        name = i.agent.name + (" (disabled)" if i.agent.disabled else "")
+        typer.echo(
+            f"{i.agent.id:<14} {name:<20} {i.site:<16} {i.agent.version:<10} "
+            f"{_age(i.agent.last_seen_at, now):<10} {','.join(i.segments)}"
+        )
