@@ -1,0 +1,237 @@
+"""The one interface the agent uses to talk to miners, and the typed snapshots it returns.
+
+Everything above ``agent/drivers`` sees :class:`MinerDriver` and these frozen dataclasses;
+nothing above it imports pyasic or opens a socket. The small pure helpers here (MAC and pool
+normalisation, the is-mining rule) are shared by every backend so that the pyasic path and the
+fast path cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+
+from agent.errors import DriverError, Unsupported
+from contract.reports import IdentityRecord, Observation, PoolReading
+
+DEVFEE = "devfee"
+USER = "user"
+DEFAULT_SCHEME = "stratum+tcp://"
+_HEX12 = re.compile(r"^[0-9A-Fa-f]{12}$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class MinerLogin:
+    """Credentials for one firmware family (``password`` is its write login)."""
+
+    username: str | None = None
+    password: str | None = None
+
+
+Credentials = Mapping[str, MinerLogin]
+"""Logins keyed by credentials family: ``antminer``, ``whatsminer``, ``avalon``, ``vnish``."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTarget:
+    """A pool to write into one slot (passwords are written, never read back)."""
+
+    url: str
+    user: str
+    password: str = "x"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """One pool as the miner reports it at run time."""
+
+    url: str
+    user: str
+    status: str | None = None  # "alive" | "dead"
+    active: bool | None = None
+    kind: str = USER  # "user" | "devfee"
+
+    def to_reading(self) -> PoolReading:
+        return PoolReading(
+            url=self.url[:512], user=self.user[:512], status=self.status, active=self.active,
+            kind=self.kind,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a miner is. ``serial_source`` says where the serial came from (None: unreadable)."""
+
+    ip: str
+    make: str
+    model: str
+    firmware: str
+    firmware_version: str | None
+    mac: str | None
+    serial: str | None
+    serial_source: str | None
+    family: str
+    control_board_serial: str | None = None
+    hashboard_serials: tuple[str, ...] = ()
+    psu_serial: str | None = None
+    hostname: str | None = None
+
+    def to_record(self, observed_at: datetime | None = None) -> IdentityRecord:
+        return IdentityRecord(
+            ip=IPv4Address(self.ip),
+            observed_at=observed_at or utcnow(),
+            mac=self.mac,
+            serial=self.serial,
+            serial_source=self.serial_source,
+            control_board_serial=self.control_board_serial,
+            hashboard_serials=list(self.hashboard_serials[:16]),
+            psu_serial=self.psu_serial,
+            make=self.make,
+            model=self.model,
+            firmware=self.firmware,
+            firmware_version=self.firmware_version,
+            hostname=self.hostname,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PollSnapshot:
+    """The hot fields of one poll. ``reachable=False`` or ``error`` set means it failed."""
+
+    ip: str
+    observed_at: datetime
+    reachable: bool
+    error: str | None = None
+    is_mining: bool | None = None
+    hashrate_ths: float | None = None
+    power_w: float | None = None
+    temperature_c: float | None = None
+    fan_rpm: tuple[int, ...] = ()
+    pools: tuple[PoolStatus, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def failed(
+        cls, ip: str, error: DriverError, observed_at: datetime | None = None
+    ) -> PollSnapshot:
+        """A poll that produced no data; a malformed or refused reply still means 'reachable'."""
+        reachable = error.kind in ("malformed", "auth_failed", "unsupported")
+        return cls(
+            ip=ip,
+            observed_at=observed_at or utcnow(),
+            reachable=reachable,
+            error=f"{error.kind}: {error.reason}",
+        )
+
+    def to_observation(self, identity: Identity | None = None) -> Observation:
+        return Observation(
+            ip=IPv4Address(self.ip),
+            observed_at=self.observed_at,
+            reachable=self.reachable,
+            error=None if self.error is None else self.error[:1024],
+            mac=identity.mac if identity else None,
+            serial=identity.serial if identity else None,
+            is_mining=self.is_mining,
+            hashrate_ths=None if self.hashrate_ths is None else max(0.0, self.hashrate_ths),
+            power_w=None if self.power_w is None else max(0.0, self.power_w),
+            temperature_c=self.temperature_c,
+            fan_rpm=[max(0, int(f)) for f in self.fan_rpm[:16]],
+            pools=[p.to_reading() for p in self.pools[:16]],
+        )
+
+
+class MinerDriver(ABC):
+    """One miner. Reads never raise from :meth:`poll`; everything else raises DriverError."""
+
+    ip: str
+    family: str
+
+    @abstractmethod
+    async def identify(self) -> Identity:
+        """Read identity (serial, MAC, board serials …): the slow cadence."""
+
+    @abstractmethod
+    async def poll(self) -> PollSnapshot:
+        """Read the hot fields; failures come back as a snapshot with ``error`` set."""
+
+    async def set_pools(self, pools: Sequence[PoolTarget]) -> None:
+        raise Unsupported(f"{self.family} cannot set pools", ip=self.ip)
+
+    async def set_power_target(self, watts: int) -> None:
+        raise Unsupported(f"{self.family} has no power target", ip=self.ip)
+
+    async def sleep(self) -> None:
+        raise Unsupported(f"{self.family} cannot sleep", ip=self.ip)
+
+    async def wake(self) -> None:
+        raise Unsupported(f"{self.family} cannot wake", ip=self.ip)
+
+    async def reboot(self) -> None:
+        raise Unsupported(f"{self.family} cannot reboot", ip=self.ip)
+
+    async def locate(self, on: bool) -> None:
+        raise Unsupported(f"{self.family} has no locate light", ip=self.ip)
+
+
+# --- pure helpers shared by every backend ------------------------------------------------------
+
+
+def normalise_mac(raw: object) -> str | None:
+    """``b4a2eb132cde`` / ``b4-a2-…`` / ``B4:A2:…`` -> ``B4:A2:EB:13:2C:DE``; junk -> None."""
+    if not isinstance(raw, str):
+        return None
+    hexdigits = re.sub(r"[^0-9A-Fa-f]", "", raw)
+    if not _HEX12.match(hexdigits) or len(raw.strip()) > 17:
+        return None
+    hexdigits = hexdigits.upper()
+    return ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2))
+
+
+def normalise_pool_url(url: str) -> str:
+    """The URL a miner will use: trimmed, ``stratum+tcp://`` when no scheme, no doubled scheme.
+
+    VNish stores ``host:port`` and pyasic prefixes ``stratum+tcp://`` on read, which can double
+    up on a read-modify-write; every write goes through here.
+    """
+    url = url.strip()
+    if not url:
+        return url
+    while url.lower().startswith(DEFAULT_SCHEME + DEFAULT_SCHEME):
+        url = url[len(DEFAULT_SCHEME) :]
+    lowered = url.lower()
+    if lowered.startswith(DEFAULT_SCHEME) and "://" in url[len(DEFAULT_SCHEME) :]:
+        url = url[len(DEFAULT_SCHEME) :]  # stratum+tcp://stratum+ssl://… -> stratum+ssl://…
+    if "://" not in url:
+        url = DEFAULT_SCHEME + url
+    return url
+
+
+def pool_kind(url: str, user: str, pool_type: object = None) -> str:
+    """VNish lists its dev fee as a pool (URL ``DevFee``, cgminer ``Type`` 1)."""
+    if url == "DevFee" or user == "DevFee" or pool_type == 1:
+        return DEVFEE
+    return USER
+
+
+def derive_is_mining(hashrate_ths: float | None, reported: bool | None) -> bool | None:
+    """Hashing now = a positive current hashrate; the firmware's own flag only as a fallback.
+
+    pyasic 0.79 reports Avalon as always mining, stock Antminer as mining while BMMiner
+    restarts, and any offline miner as mining; the current hashrate does not lie that way.
+    """
+    if hashrate_ths is not None:
+        return hashrate_ths > 0.0
+    return reported
+
+
+def hottest(values: Sequence[float | None]) -> float | None:
+    """The hottest positive reading (0 and None mean 'no sensor')."""
+    present = [float(v) for v in values if v is not None and v > 0]
+    return max(present) if present else None
