@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from agent.cli import app as agent_app
 from controller.cli import app as controller_app
 from simulator.cli import app as sim_app
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(sim_app, name="sim")
 app.add_typer(controller_app, name="controller")
+app.add_typer(agent_app, name="agent")
 
 
 def main() -> None:

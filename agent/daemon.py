@@ -1,0 +1,692 @@
+"""The agent daemon: discovery, poll cycles and the outbox drain, on a schedule.
+
+:class:`FleetAgent` is the work without the clock: one discovery scan, one poll cycle, storing a
+cycle's reports in the outbox. It asks :class:`~agent.coordinator.PollCoordinator` what to do,
+does the I/O through the drivers, and hands the results back. Tests drive it directly.
+
+:class:`Daemon` puts it on APScheduler 3's ``AsyncIOScheduler``: discovery right away and then
+every ``discovery_interval_s``; the poll cycle every ``poll_interval_s`` from the moment the
+first scan has finished (identity re-reads ride in the cycles, as the coordinator decides);
+the status file every few seconds. The outbox drain is the uplink's own loop
+(:meth:`agent.uplink.Uplink.run`), woken after each stored cycle: its pace is set by the
+controller's answers and the backoff, not by a clock.
+
+Reports reach the outbox *before* anything is pushed: a cycle's batches are stored (fsync'd)
+and only then does the drain see them, so a kill -9 at any point loses at most the cycle in
+flight and never doubles one (the controller de-duplicates by batch id).
+
+SIGTERM/SIGINT: no new jobs start; the cycle or scan in flight finishes and stores its reports;
+the drain gets a last chance to deliver everything (bounded by ``flush_timeout_s``); whatever
+is left stays in the outbox for the next start. The status file says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
+
+from agent.config import AgentConfig, AgentSecrets, atomic_write
+from agent.coordinator import (
+    CoordinatorSettings,
+    Outcome,
+    PollCoordinator,
+    Report,
+    Task,
+    pack,
+    segment_of,
+)
+from agent.discovery import Discovery
+from agent.drivers.base import Identity, MinerLogin, PollSnapshot, utcnow
+from agent.drivers.factory import DriverFactory
+from agent.drivers.pyasic_backend import DriverOptions
+from agent.errors import AgentError, DriverError, OutboxError, OutboxFull, Timeout
+from agent.outbox import Outbox
+from agent.uplink import Uplink
+from contract.reports import Event, EventSeverity, IdentityRecord, Observation, ReportBatch
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+STATUS_VERSION = 1
+STATUS_INTERVAL_S = 5.0
+MAX_HELD_BATCHES = 1000
+"""Batches kept in memory while the outbox cannot take them (disk full); beyond this the
+oldest held batches lose their observations, never their identities or events."""
+
+
+def miner_credentials(secrets: AgentSecrets) -> dict[str, MinerLogin]:
+    """The secrets file's ``[miners.<family>]`` logins as the drivers take them."""
+    logins = {}
+    for family, creds in secrets.miners.items():
+        password = creds.password.get_secret_value() if creds.password is not None else None
+        logins[family] = MinerLogin(username=creds.username, password=password)
+    return logins
+
+
+def status_path(config: AgentConfig) -> Path:
+    return config.data_dir / STATUS_FILE
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, DriverError):
+        return f"{error.kind}: {error.reason}"
+    return f"error: {type(error).__name__}: {error}"[:300]
+
+
+@dataclass
+class CycleReport:
+    """What one poll cycle did (the status file's ``last_cycle``)."""
+
+    cycle: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    duration_s: float = 0.0
+    planned: int = 0
+    polled: int = 0
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    identities: int = 0
+    observations: int = 0
+    events: int = 0
+    batches: int = 0
+    stored: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["started_at"] = _iso(self.started_at)
+        data["finished_at"] = _iso(self.finished_at)
+        data["errors"] = dict(list(self.errors.items())[:20])  # a sample; the reports have all
+        return data
+
+
+@dataclass
+class DiscoveryReport:
+    """What one discovery scan did (the status file's ``last_discovery``)."""
+
+    started_at: datetime
+    duration_s: float = 0.0
+    networks: list[str] = field(default_factory=list)
+    probed: int = 0
+    responded: int = 0
+    identified: int = 0
+    unidentified: int = 0
+    gone: int = 0
+    dropped: int = 0
+    known: int = 0
+    stored: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["started_at"] = _iso(self.started_at)
+        return data
+
+
+@dataclass(frozen=True)
+class _Done:
+    """One miner's task, done: the outcome for the coordinator and what to report."""
+
+    outcome: Outcome
+    observation: Observation | None
+    identity: IdentityRecord | None
+
+
+class FleetAgent:
+    """Discovery, poll cycles and storing reports, without any scheduling."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        outbox: Outbox,
+        *,
+        credentials: dict[str, MinerLogin] | None = None,
+        factory: DriverFactory | None = None,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        polling = config.polling
+        self.config = config
+        self.outbox = outbox
+        self.on_stored = on_stored
+        self.segments: tuple[IPv4Network, ...] = tuple(config.segments)
+        self.miner_timeout_s = polling.miner_timeout_s
+        self.identify_timeout_s = min(
+            max(3.0, 2 * polling.miner_timeout_s), polling.poll_interval_s
+        )
+        self.factory = factory or DriverFactory(
+            credentials=credentials or {},
+            options=DriverOptions(timeout=polling.miner_timeout_s),
+            identify_timeout=self.identify_timeout_s,
+        )
+        self.coordinator = PollCoordinator(
+            CoordinatorSettings(
+                poll_interval_s=polling.poll_interval_s,
+                identity_interval_s=polling.identity_interval_s,
+            )
+        )
+        self.discovery = Discovery(
+            self.factory, self.segments, concurrency=polling.concurrency_per_segment
+        )
+        self.cycles = 0
+        self.last_cycle: CycleReport | None = None
+        self.last_discovery: DiscoveryReport | None = None
+        self._limits: dict[IPv4Network | None, asyncio.Semaphore] = {}
+        self._held: list[ReportBatch] = []
+        self._full_since: datetime | None = None
+
+    # --- discovery ------------------------------------------------------------------------------
+
+    async def discover(self) -> DiscoveryReport:
+        """Scan every configured segment; identify new miners; report who appeared or vanished."""
+        started = utcnow()
+        report = DiscoveryReport(started_at=started, networks=[str(n) for n in self.segments])
+        result = await self.discovery.scan(self.segments, known=self.coordinator.ips)
+        now = utcnow()
+        decision = self.coordinator.apply_scan(
+            self.segments, result.responded, result.found, result.failed, now
+        )
+        for ip in decision.dropped:
+            self.factory.forget(ip)
+        out = Report(
+            identities=[result.found[ip].to_record(now) for ip in decision.added],
+            events=list(decision.events),
+        )
+        report.stored = await self.store(out)
+        report.duration_s = result.duration_s
+        report.probed = result.probed
+        report.responded = len(result.responded)
+        report.identified = len(decision.added)
+        report.unidentified = len(result.failed)
+        report.gone = len(decision.gone)
+        report.dropped = len(decision.dropped)
+        report.known = len(self.coordinator.ips)
+        self.last_discovery = report
+        log.info(
+            "discovery: %d addresses probed in %s, %d answered, %d new identified, "
+            "%d not identifiable, %d gone, %d dropped (%.1f s)",
+            result.probed,
+            ", ".join(report.networks),
+            report.responded,
+            report.identified,
+            report.unidentified,
+            report.gone,
+            report.dropped,
+            result.duration_s,
+        )
+        return report
+
+    # --- the poll cycle -------------------------------------------------------------------------
+
+    def _limit(self, ip: str) -> asyncio.Semaphore:
+        segment = segment_of(ip, self.segments)
+        limit = self._limits.get(segment)
+        if limit is None:
+            limit = asyncio.Semaphore(self.config.polling.concurrency_per_segment)
+            self._limits[segment] = limit
+        return limit
+
+    def budget_s(self, task: Task) -> float:
+        """The most one miner's task may take once it runs: its own timeouts plus a margin,
+        never more than most of the poll interval (so one miner cannot hold up a cycle)."""
+        t = self.miner_timeout_s
+        budget = t + 1.0
+        if task.rebuild:
+            budget += self.identify_timeout_s + 2 * t
+        elif task.read_identity:
+            budget += 2 * t
+        return min(budget, 0.9 * self.config.polling.poll_interval_s)
+
+    async def poll_cycle(self) -> CycleReport:
+        """Poll every miner due this cycle (bounded per segment, each under its own budget),
+        fold the outcomes into the coordinator and store the cycle's reports."""
+        self.cycles += 1
+        cycle = self.cycles
+        started = utcnow()
+        clock = time.monotonic()
+        plan = self.coordinator.plan(cycle, started)
+        report = CycleReport(cycle=cycle, started_at=started, planned=len(plan.tasks))
+        done = await asyncio.gather(*(self._bounded(task) for task in plan.tasks))
+        out = Report()
+        now = utcnow()
+        for item in done:
+            outcome = item.outcome
+            out.events.extend(self.coordinator.record(outcome, cycle, now))
+            if outcome.polled is not None:
+                report.polled += 1
+            if outcome.polled is True:
+                report.ok += 1
+            else:
+                report.failed += 1
+                report.errors[outcome.ip] = outcome.error or "failed"
+            if item.identity is not None:
+                out.identities.append(item.identity)
+            if item.observation is not None:
+                out.observations.append(item.observation)
+        for skip in plan.skipped:
+            report.skipped += 1
+            if skip.observation is not None:
+                out.observations.append(skip.observation)
+        out.observations.sort(key=lambda o: o.ip)
+        report.identities = len(out.identities)
+        report.observations = len(out.observations)
+        report.events = len(out.events)
+        batches_before = len(self._held)
+        report.stored = await self.store(out)
+        report.batches = report.stored + len(self._held) - batches_before
+        report.finished_at = utcnow()
+        report.duration_s = round(time.monotonic() - clock, 3)
+        self.last_cycle = report
+        log.info(
+            "cycle %d: %d polled, %d ok, %d failed, %d backing off, %d identities, %d events, "
+            "%d batch(es) stored in %.2f s",
+            cycle,
+            report.polled,
+            report.ok,
+            report.failed,
+            report.skipped,
+            report.identities,
+            report.events,
+            report.stored,
+            report.duration_s,
+        )
+        return report
+
+    async def _bounded(self, task: Task) -> _Done:
+        async with self._limit(task.ip):
+            try:
+                return await self._work(task)
+            except Exception as exc:  # a driver bug must not end the cycle for everyone else
+                log.exception("poll of %s failed unexpectedly", task.ip)
+                return self._failed(task.ip, exc, utcnow())
+
+    def _failed(self, ip: str, error: BaseException, at: datetime) -> _Done:
+        driver_error = error if isinstance(error, DriverError) else DriverError(_reason(error))
+        snapshot = PollSnapshot.failed(ip, driver_error, at)
+        record = self.coordinator.record_of(ip)
+        known = record.identity if record is not None else None
+        reason = _reason(error)
+        outcome = Outcome(ip=ip, polled=False, reachable=snapshot.reachable, error=reason)
+        observation = snapshot.to_observation(known) if known is not None else None
+        return _Done(outcome, observation, None)
+
+    async def _work(self, task: Task) -> _Done:
+        """Identify (if told to rebuild), poll, re-read identity (if due): one budget for all."""
+        ip = task.ip
+        budget = self.budget_s(task)
+        identity: Identity | None = None
+        identity_error: str | None = None
+        started = utcnow()
+        record = self.coordinator.record_of(ip)
+        known = record.identity if record is not None else None
+        try:
+            async with asyncio.timeout(budget):
+                if task.rebuild:
+                    try:
+                        identity = await self.discovery.identify(ip)
+                    except DriverError as exc:
+                        done = self._failed(ip, exc, started)
+                        outcome = Outcome(
+                            ip=ip,
+                            polled=None,
+                            reachable=done.outcome.reachable,
+                            error=_reason(exc),
+                            identity_error=_reason(exc),
+                        )
+                        return _Done(outcome, done.observation, None)
+                driver = await self.factory.driver_for(ip)
+                snapshot = await driver.poll()
+                if task.read_identity and identity is None and snapshot.error is None:
+                    try:
+                        identity = await driver.identify()
+                    except DriverError as exc:
+                        identity_error = _reason(exc)
+        except TimeoutError:
+            return self._failed(ip, Timeout(f"no complete answer within {budget:g} s"), started)
+        except DriverError as exc:
+            return self._failed(ip, exc, started)
+        polled = snapshot.error is None and snapshot.reachable
+        outcome = Outcome(
+            ip=ip,
+            polled=polled,
+            reachable=snapshot.reachable,
+            error=None if polled else (snapshot.error or "unreachable"),
+            identity=identity,
+            identity_error=identity_error,
+            mac_hint=getattr(snapshot, "mac", None),
+            model_hint=getattr(snapshot, "model", None),
+        )
+        now = utcnow()
+        observation = snapshot.to_observation(identity or known)
+        return _Done(outcome, observation, identity.to_record(now) if identity else None)
+
+    # --- the outbox -----------------------------------------------------------------------------
+
+    async def store(self, report: Report) -> int:
+        """Pack ``report`` into batches and put them in the outbox, after any batches held back
+        earlier (order is kept). On a full disk the rest is held in memory, an ``outbox_full``
+        event is added once, and the next call retries. Returns how many batches were stored."""
+        now = utcnow()
+        fresh = pack(report, self.config.outbox.batch_size, now) if len(report) else []
+        batches, self._held = [*self._held, *fresh], []
+        stored = 0
+        for index, batch in enumerate(batches):
+            try:
+                await asyncio.to_thread(self.outbox.put, batch)
+            except OutboxError as exc:
+                self._hold(batches[index:], exc, now)
+                break
+            stored += 1
+        else:
+            if self._full_since is not None:
+                log.warning("outbox: storing again after being full since %s", self._full_since)
+                self._full_since = None
+        if stored and self.on_stored is not None:
+            self.on_stored()
+        return stored
+
+    def _hold(self, batches: list[ReportBatch], error: OutboxError, now: datetime) -> None:
+        held = list(batches)
+        if self._full_since is None:
+            self._full_since = now
+            kind = "outbox_full" if isinstance(error, OutboxFull) else "outbox_error"
+            event = Event(kind=kind, at=now, severity=EventSeverity.CRITICAL, detail=str(error))
+            held.extend(pack(Report(events=[event]), self.config.outbox.batch_size, now))
+            log.critical("outbox cannot store reports; holding them in memory: %s", error)
+        overflow = len(held) - MAX_HELD_BATCHES
+        for n in range(max(0, overflow)):
+            held[n] = held[n].model_copy(update={"observations": []})
+        self._held = [b for b in held if b.observations or b.identities or b.events]
+
+    @property
+    def held_batches(self) -> int:
+        return len(self._held)
+
+
+class Daemon:
+    """The scheduled agent: ``await Daemon(config, secrets).run()`` until SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        secrets: AgentSecrets,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        flush_timeout_s: float = 30.0,
+        status_interval_s: float = STATUS_INTERVAL_S,
+    ) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.transport = transport
+        self.flush_timeout_s = flush_timeout_s
+        self.status_interval_s = status_interval_s
+        self.started_at = utcnow()
+        self.state = "starting"
+        self.stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._polls_scheduled = False
+        self.agent: FleetAgent | None = None
+        self.uplink: Uplink | None = None
+        self.outbox: Outbox | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+
+    def request_stop(self) -> None:
+        if not self.stop.is_set():
+            log.info("stopping: finishing the work in flight, then flushing the outbox")
+        self.stop.set()
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Run until :meth:`request_stop` (or a signal); then finish, flush and write status."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.request_stop)
+        self.outbox = Outbox.from_config(config)
+        self.uplink = Uplink.from_config(config, self.secrets, transport=self.transport)
+        self.agent = FleetAgent(
+            config,
+            self.outbox,
+            credentials=miner_credentials(self.secrets),
+            on_stored=self._wake.set,
+        )
+        drain_stop = asyncio.Event()
+        drain = asyncio.create_task(
+            self.uplink.run(self.outbox, drain_stop, wake=self._wake, idle_s=5.0), name="drain"
+        )
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler = scheduler
+        now = datetime.now(UTC)
+        scheduler.add_job(
+            self._job,
+            "interval",
+            args=["discovery"],
+            id="discovery",
+            seconds=config.polling.discovery_interval_s,
+            next_run_time=now,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        scheduler.add_job(
+            self._job,
+            "interval",
+            args=["status"],
+            id="status",
+            seconds=self.status_interval_s,
+            next_run_time=now + timedelta(seconds=1),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        self.state = "running"
+        scheduler.start()
+        log.info(
+            "agent %s (site %s) running: %s; poll every %g s, discovery every %g s; controller %s",
+            config.agent_id,
+            config.site,
+            ", ".join(str(s) for s in config.segments) or "no segments",
+            config.polling.poll_interval_s,
+            config.polling.discovery_interval_s,
+            config.controller.url,
+        )
+        try:
+            await self.stop.wait()
+        finally:
+            await self._shutdown(scheduler, drain, drain_stop)
+            if install_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+
+    async def _job(self, name: str) -> None:
+        """Run a job as our own task (shielded: APScheduler cancels its futures at shutdown,
+        and a cycle cut in half would lose its reports)."""
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._run_job(name), name=name)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # the scheduler shut down: _shutdown waits for the task itself
+
+    async def _run_job(self, name: str) -> None:
+        assert self.agent is not None
+        try:
+            if name == "discovery":
+                try:
+                    await self.agent.discover()
+                finally:
+                    self._schedule_polls()
+            elif name == "poll":
+                await self.agent.poll_cycle()
+            await self.write_status()
+        except AgentError as exc:
+            log.error("%s: %s", name, exc)
+        except Exception:
+            log.exception("%s failed", name)
+
+    def _schedule_polls(self) -> None:
+        """Polling starts when the first scan has ended (well or not): before it, there is
+        nobody to poll, and a cycle racing the scan would only identify miners twice."""
+        if self._polls_scheduled or self._stopping or self._scheduler is None:
+            return
+        self._polls_scheduled = True
+        self._scheduler.add_job(
+            self._job,
+            "interval",
+            args=["poll"],
+            id="poll",
+            seconds=self.config.polling.poll_interval_s,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    async def _shutdown(
+        self, scheduler: AsyncIOScheduler, drain: asyncio.Task[None], drain_stop: asyncio.Event
+    ) -> None:
+        self._stopping = True
+        self.state = "stopping"
+        scheduler.shutdown(wait=False)
+        grace = max(self.config.polling.poll_interval_s, 10.0)
+        if self._inflight:
+            log.info("waiting for %d job(s) in flight", len(self._inflight))
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            for task in pending:
+                task.cancel()
+        drain_stop.set()
+        assert self.uplink is not None and self.outbox is not None
+        try:
+            await asyncio.wait_for(drain, timeout=self.flush_timeout_s)
+        except TimeoutError:
+            log.warning("drain did not finish within %g s", self.flush_timeout_s)
+        except Exception:
+            log.exception("drain failed")
+        try:
+            flushed = await asyncio.wait_for(
+                self.uplink.drain(self.outbox), timeout=self.flush_timeout_s
+            )
+            left = flushed.remaining
+            if flushed.error is not None:
+                log.warning("final flush stopped: %s", flushed.error)
+        except TimeoutError:
+            left = None
+        if left:
+            log.warning("%d batch(es) stay in the outbox for the next start", left)
+        if self.agent is not None and self.agent.held_batches:
+            log.critical(
+                "%d batch(es) held in memory because the outbox is full are lost at exit",
+                self.agent.held_batches,
+            )
+        self.state = "stopped"
+        await self.write_status()
+        await self.uplink.aclose()
+        self.outbox.close()
+        log.info("stopped")
+
+    # --- status ---------------------------------------------------------------------------------
+
+    async def write_status(self) -> None:
+        """The small JSON file ``asicfleet agent status`` reads (atomically replaced)."""
+        if self.outbox is None or self.agent is None or self.uplink is None:
+            return
+        try:
+            stats: dict[str, Any] = asdict(await asyncio.to_thread(self.outbox.stats))
+            stats["oldest_queued_at"] = _iso(stats["oldest_queued_at"])
+        except OutboxError as exc:
+            stats = {"error": str(exc)}
+        stats["held_in_memory"] = self.agent.held_batches
+        agent = self.agent
+        records = agent.coordinator.records()
+        uplink = self.uplink.state
+        payload = {
+            "version": STATUS_VERSION,
+            "pid": os.getpid(),
+            "state": self.state,
+            "started_at": _iso(self.started_at),
+            "updated_at": _iso(utcnow()),
+            "agent_id": self.config.agent_id,
+            "site": self.config.site,
+            "controller": self.config.controller.url,
+            "segments": [str(s) for s in self.config.segments],
+            "poll_interval_s": self.config.polling.poll_interval_s,
+            "cycles": agent.cycles,
+            "miners": {
+                "known": len(records),
+                "identified": sum(1 for r in records if r.identified),
+                "failing": sum(1 for r in records if r.failures),
+            },
+            "last_cycle": agent.last_cycle.as_dict() if agent.last_cycle else None,
+            "last_discovery": agent.last_discovery.as_dict() if agent.last_discovery else None,
+            "outbox": stats,
+            "uplink": {
+                "healthy": uplink.healthy,
+                "last_success_at": _iso(uplink.last_success_at),
+                "last_failure_at": _iso(uplink.last_failure_at),
+                "last_error": uplink.last_error,
+                "consecutive_failures": uplink.consecutive_failures,
+                "next_attempt_at": _iso(uplink.next_attempt_at),
+            },
+        }
+        try:
+            data = (json.dumps(payload, indent=1) + "\n").encode()
+            await asyncio.to_thread(atomic_write, status_path(self.config), data, 0o644)
+        except AgentError as exc:
+            log.warning("cannot write the status file: %s", exc)
+
+
+def read_status(config: AgentConfig) -> dict[str, Any] | None:
+    """The daemon's last status, or None if it never ran with this data directory."""
+    path = status_path(config)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"{path}: unreadable status file: {exc}") from None
+    if not isinstance(data, dict):
+        raise AgentError(f"{path}: unreadable status file: not a JSON object")
+    return data
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this id exists (the status file may outlive its daemon)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def run_daemon(config: AgentConfig, secrets: AgentSecrets) -> None:
+    """Entry point of ``asicfleet agent run``."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await Daemon(config, secrets).run()
