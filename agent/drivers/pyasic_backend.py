@@ -360,6 +360,12 @@ class PyasicDriver(MinerDriver):
 
     async def _identify_antminer(self) -> Identity:
         web, rpc = self.miner.web, self.miner.rpc
+        if web is None:
+            # pyasic fell back to an RPC-only class: the model could not be read, which on a
+            # stock Antminer means its replies are garbled.
+            raise MalformedReply(
+                "identify: model unreadable (pyasic chose no web client)", ip=self.ip
+            )
         info, stats, version = await asyncio.gather(
             web.get_system_info(), web.send_command("stats"), rpc.version()
         )

@@ -286,3 +286,14 @@ async def test_poll_never_raises_on_a_closed_address(farm: FarmFactory) -> None:
     assert (await drv.poll()).error is not None
     with pytest.raises(DriverError):
         await drv.set_pools(NEW_POOLS)
+
+
+async def test_garbled_antminer_fails_identification_as_malformed(farm: FarmFactory) -> None:
+    shard = await farm(miners=2, mix="antminer=1")
+    miner = first(shard, personality="antminer")
+    await shard.inject_fault(miner.ip, Fault.MALFORMED, {})
+    drv = await DriverFactory(options=options(timeout=2.0), identify_timeout=5).create(miner.ip)
+    with pytest.raises(DriverError) as info:
+        await drv.identify()
+    assert info.value.kind == "malformed", info.value
+    assert "AttributeError" not in str(info.value)  # a reason a person can act on
