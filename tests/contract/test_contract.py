@@ -54,7 +54,7 @@ def test_unknown_major_is_refused_with_a_clear_message(version: str) -> None:
 
 
 def test_garbage_version_is_refused() -> None:
-    with pytest.raises(UnsupportedContractVersion, match="MAJOR.MINOR"):
+    with pytest.raises(UnsupportedContractVersion, match=r"MAJOR\.MINOR"):
         check_version("one")
 
 
