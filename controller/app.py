@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from controller.api import agents, audit, auth, ingest, machines, metrics, sites, users
 from controller.db import engine_for
@@ -12,17 +19,68 @@ from controller.errors import Conflict, ControllerError, NotFound, Refused
 from controller.settings import Settings
 
 API_PREFIX = "/api/v1"
+log = logging.getLogger(__name__)
+
+
+def sweep_once(engine: Engine, settings: Settings) -> int:
+    """Flag registered machines that have not been seen for ``missing_after_minutes``."""
+    from controller.ingest import sweep_missing
+
+    with Session(engine, expire_on_commit=False) as session:
+        return sweep_missing(
+            session,
+            now=datetime.now(UTC),
+            after=timedelta(minutes=settings.missing_after_minutes),
+        )
+
+
+async def _sweep_forever(engine: Engine, settings: Settings) -> None:
+    """Every replica may sweep: flags are idempotent, so no leader election is needed."""
+    while True:
+        await asyncio.sleep(settings.missing_sweep_interval_s)
+        try:
+            flagged = await asyncio.to_thread(sweep_once, engine, settings)
+        except Exception:  # the sweep must never take the API down with it
+            log.exception("missing-machine sweep failed; will retry")
+            continue
+        if flagged:
+            log.info("flagged %d machine(s) missing", flagged)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app over ``engine`` (default: from settings). Migrations are run by `serve`."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(app.state.engine, settings))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
+
     app = FastAPI(
         title="asicfleet controller",
         version="0.1.0",
         description="Machine register, agent ingestion, audit log, users and roles.",
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else engine_for(settings)
+
+    @app.middleware("http")
+    async def _limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Refuse oversized bodies before reading them (agents batch; people upload CSVs)."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_batch_bytes:
+            return JSONResponse(
+                {"detail": f"body over {settings.max_batch_bytes} bytes; send smaller batches"},
+                status_code=413,
+            )
+        return await call_next(request)
 
     @app.exception_handler(ControllerError)
     async def _controller_error(_: Request, exc: ControllerError) -> JSONResponse:

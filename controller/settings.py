@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     bind: str = Field(default="127.0.0.1:8080", description="host:port for `serve`")
     history_resolution_s: int = Field(default=300, ge=1, description="observation history step")
     missing_after_minutes: int = Field(default=15, ge=1, description="unseen -> missing")
+    missing_sweep_interval_s: float = Field(default=60.0, gt=0, description="how often to sweep")
     enrollment_ttl_s: int = Field(default=3600, ge=60)
     max_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
