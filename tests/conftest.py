@@ -18,6 +18,9 @@ FarmFactory = Callable[..., Awaitable[Shard]]
 # the second octet depends on the process so that parallel pytest runs do not collide.
 _BASE = 100 + (os.getpid() % 50) * 2
 _subnets = (f"127.{_BASE + i // 250}.{i % 250}.0/24" for i in itertools.count())
+# Farms of more than 250 miners get a /21 (2,046 addresses) from a range of their own.
+_WIDE_BASE = 200 + os.getpid() % 50
+_wide_subnets = (f"127.{_WIDE_BASE}.{(i % 32) * 8}.0/21" for i in itertools.count())
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ async def farm() -> AsyncIterator[FarmFactory]:
         spec = farm_spec(
             miners=miners,
             mix=mix,
-            subnet=next(_subnets),
+            subnet=next(_subnets) if miners <= 250 else next(_wide_subnets),
             seed=seed,
             faults=faults,
             restart_seconds=restart_seconds,
