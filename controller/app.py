@@ -77,7 +77,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_batch_bytes:
             return JSONResponse(
-                {"detail": f"body over {settings.max_batch_bytes} bytes; send smaller batches"},
+                {"detail": f"request body larger than {settings.max_batch_bytes} bytes"},
                 status_code=413,
             )
         return await call_next(request)
