@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from enum import StrEnum
 from ipaddress import IPv4Address
+from typing import Any
 
 from pydantic import Field
 
@@ -72,6 +73,9 @@ class Event(WireModel):
     severity: EventSeverity = EventSeverity.INFO
     ip: IPv4Address | None = None
     detail: str = Field(default="", max_length=4096)
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="structured facts (1.1), e.g. an enforcement incident"
+    )
 
 
 class ReportBatch(Message):

@@ -6,7 +6,7 @@ import re
 
 from contract.errors import UnsupportedContractVersion
 
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 _VERSION = re.compile(r"^(\d+)\.(\d+)$")
 

@@ -294,3 +294,127 @@ class AuditEntry(SQLModel, table=True):
     reason: str = Field(default="", max_length=1024)
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64, unique=True)
+
+
+# --- pool policy -------------------------------------------------------------------------------
+
+
+class PoolSetStatus(StrEnum):
+    PROPOSED = "proposed"  # waiting for a second compliance user
+    APPROVED = "approved"  # in force for its site (the newest approved one)
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"  # a newer approved set replaced it
+
+
+class PoolSet(SQLModel, table=True):
+    """One revision of a site's approved pool set; it takes effect only once approved by a
+    second compliance user (four eyes). Rows are never edited after a decision: a change is a
+    new proposal with ``version`` + 1."""
+
+    __tablename__ = "pool_set"
+    __table_args__ = (UniqueConstraint("site_id", "version", name="uq_pool_set_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    site_id: int = Field(foreign_key="site.id", index=True)
+    version: int = Field(ge=1)
+    name: str = Field(max_length=128, description="DMP name")
+    accreditation_ref: str = Field(default="", max_length=128)
+    urls: list[str] = _json(list)
+    account: str = Field(max_length=128)
+    password: str = Field(default="x", max_length=128)
+    devfee: str = Field(default="allow", max_length=16)
+    status: PoolSetStatus = Field(default=PoolSetStatus.PROPOSED, max_length=16)
+    proposed_by: str = Field(max_length=128)
+    proposed_at: datetime = _ts(nullable=False, default=utcnow)
+    reason: str = Field(default="", max_length=1024)
+    decided_by: str | None = Field(default=None, max_length=128)
+    decided_at: datetime | None = _ts(nullable=True)
+    decision_reason: str = Field(default="", max_length=1024)
+
+
+class SitePolicy(SQLModel, table=True):
+    """How a site enforces its pool set (one row per site; defaults when absent)."""
+
+    __tablename__ = "site_policy"
+
+    site_id: int = Field(foreign_key="site.id", primary_key=True)
+    mode: str = Field(default="observe", max_length=16)
+    worker_template: str = Field(default="{account}.{machine_id}", max_length=255)
+    quarantine_unregistered: bool = False
+    canary_size: int = 10
+    max_failure_rate: float = 0.2
+    writes_per_segment: int = 8
+    updated_by: str = Field(default="", max_length=128)
+    updated_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class PolicyRevision(SQLModel, table=True):
+    """The bundle version of each site: bumped exactly when the bundle's content changes."""
+
+    __tablename__ = "policy_revision"
+
+    site_id: int = Field(foreign_key="site.id", primary_key=True)
+    version: int = 1
+    content_hash: str = Field(max_length=64)
+    changed_at: datetime = _ts(nullable=False, default=utcnow)
+
+
+class Exemption(SQLModel, table=True):
+    """A time-boxed exemption of one machine from pool enforcement, with a reason; in force
+    only once a compliance user approved it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    machine_pk: int = Field(foreign_key="machine.id", index=True)
+    reason: str = Field(max_length=1024)
+    starts_at: datetime = _ts(nullable=False, default=utcnow)
+    ends_at: datetime = _ts(nullable=False)
+    requested_by: str = Field(max_length=128)
+    requested_at: datetime = _ts(nullable=False, default=utcnow)
+    approved_by: str | None = Field(default=None, max_length=128)
+    approved_at: datetime | None = _ts(nullable=True)
+    revoked_by: str | None = Field(default=None, max_length=128)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+# --- compliance evidence -----------------------------------------------------------------------
+
+
+class ComplianceInterval(SQLModel, table=True):
+    """A stretch of time a machine spent compliant / non_compliant / unknown / exempt.
+
+    Intervals of one machine do not overlap; the open one has ``ended_at`` NULL.
+    """
+
+    __tablename__ = "compliance_interval"
+    __table_args__ = (Index("ix_compliance_machine_start", "machine_pk", "started_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    machine_pk: int = Field(foreign_key="machine.id")
+    status: str = Field(max_length=16)
+    cause: str = Field(default="", max_length=1024)
+    started_at: datetime = _ts(nullable=False)
+    ended_at: datetime | None = _ts(nullable=True)
+    pool_set_version: int | None = None
+
+
+class DriftIncident(SQLModel, table=True):
+    """One drift of one machine: detected → action → verified (or failed, with the cause)."""
+
+    __tablename__ = "drift_incident"
+    __table_args__ = (Index("ix_drift_machine_detected", "machine_pk", "detected_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    machine_pk: int = Field(foreign_key="machine.id")
+    site_id: int | None = Field(default=None, foreign_key="site.id", index=True)
+    detected_at: datetime = _ts(nullable=False)
+    observed: list[dict[str, Any]] = _json(list)
+    problems: list[str] = _json(list)
+    action: str = Field(default="", max_length=32, description="write, reboot, none (observe)")
+    action_at: datetime | None = _ts(nullable=True)
+    verified_at: datetime | None = _ts(nullable=True)
+    outcome: str = Field(default="open", max_length=16, description="open, verified, failed")
+    cause: str = Field(default="", max_length=1024)
+    attempts: int = 0
+    after_reboot: bool = False
+    agent_id: str | None = Field(default=None, max_length=64)
+    closed_at: datetime | None = _ts(nullable=True)

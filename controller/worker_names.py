@@ -1,0 +1,49 @@
+"""The worker-name rule: a site's template over a machine's facts yields one worker per machine.
+
+Pure and shared: the policy bundle, the compliance evidence and the exports all need the same
+answer to "what should this machine's pool user be?".
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+
+DEFAULT_TEMPLATE = "{account}.{machine_id}"
+FIELDS = ("account", "machine_id", "serial", "site", "rack", "container", "shelf", "slot")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+class WorkerTemplateError(ValueError):
+    """A template that cannot yield one distinct worker per machine."""
+
+
+def check_template(template: str) -> str:
+    """Return ``template`` if it is usable; say exactly what is wrong otherwise."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise WorkerTemplateError(f"worker template {template!r}: {exc}") from None
+    unknown = sorted({n for n in names if n not in FIELDS})
+    if unknown:
+        raise WorkerTemplateError(
+            f"worker template {template!r}: unknown field(s) {', '.join(unknown)}; "
+            f"use {', '.join('{' + f + '}' for f in FIELDS)}"
+        )
+    if "machine_id" not in names and "serial" not in names:
+        raise WorkerTemplateError(
+            f"worker template {template!r} must contain {{machine_id}} or {{serial}} "
+            "so that every machine gets its own worker"
+        )
+    if len(template) > 200:
+        raise WorkerTemplateError("worker template is longer than 200 characters")
+    return template
+
+
+def render_worker(template: str, facts: Mapping[str, str | None]) -> str:
+    """The worker for one machine. Missing facts render as ``x``; characters a stratum user
+    cannot carry become ``_``."""
+    values = {name: _UNSAFE.sub("_", (facts.get(name) or "x").strip() or "x") for name in FIELDS}
+    values["account"] = (facts.get("account") or "").strip() or "x"
+    return template.format_map(values)
