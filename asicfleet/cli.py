@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from agent.cli import app as agent_app
@@ -22,3 +24,52 @@ app.add_typer(agent_app, name="agent")
 
 def main() -> None:
     app()
+
+
+@app.command("demo")
+def demo(
+    miners: Annotated[
+        int, typer.Option(help="Size of the simulated farm.", min=1, max=60_000)
+    ] = 200,
+    port: Annotated[int, typer.Option(help="Port of the controller on 127.0.0.1.")] = 8080,
+    exit_when_compliant: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-compliant",
+            help="Exit 0 once every writable machine is on the approved pools by the "
+            "simulator's true state (non-zero after --timeout).",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds --exit-when-compliant waits before giving up.")
+    ] = 170.0,
+    poll_interval: Annotated[
+        float, typer.Option(help="The agent's poll interval in seconds.", min=2.0)
+    ] = 10.0,
+    seed: Annotated[int, typer.Option(help="Same seed, same farm and tampering.")] = 7,
+    keep_data: Annotated[
+        bool, typer.Option("--keep-data", help="Keep the temporary data directory and logs.")
+    ] = False,
+) -> None:
+    """Controller, simulated farm and an enrolled agent enforcing an approved pool set.
+
+    Everything runs on loopback in a temporary data directory with the embedded SQLite
+    database: 10% of the miners start on a foreign pool and 2% carry persistent malware. A
+    summary line by the simulator's true state follows; Ctrl-C stops everything. Needs root
+    (the simulated miners listen on ports 80 and 4028).
+    """
+    from asicfleet.demo.run import DemoOptions, run_demo
+
+    if not 1 <= port <= 65535:
+        typer.echo(f"error: --port {port} is not a TCP port", err=True)
+        raise typer.Exit(2)
+    options = DemoOptions(
+        miners=miners,
+        port=port,
+        exit_when_compliant=exit_when_compliant,
+        timeout_s=timeout,
+        poll_interval_s=poll_interval,
+        seed=seed,
+        keep_data=keep_data,
+    )
+    raise typer.Exit(run_demo(options, lambda line: typer.echo(line)))

@@ -42,8 +42,12 @@ def check_template(template: str) -> str:
 
 
 def render_worker(template: str, facts: Mapping[str, str | None]) -> str:
-    """The worker for one machine. Missing facts render as ``x``; characters a stratum user
-    cannot carry become ``_``."""
+    """The worker for one machine. Characters a stratum user cannot carry become ``_``; a
+    missing fact renders as ``x``, except an unreadable serial, which falls back to the
+    machine id so that workers stay one per machine (Avalon keeps its serial on the label)."""
+    facts = dict(facts)
+    if not (facts.get("serial") or "").strip():
+        facts["serial"] = facts.get("machine_id")
     values = {name: _UNSAFE.sub("_", (facts.get(name) or "x").strip() or "x") for name in FIELDS}
     values["account"] = (facts.get("account") or "").strip() or "x"
     return template.format_map(values)

@@ -62,6 +62,13 @@ def run(
     reboot_seconds: Annotated[
         float, typer.Option(help="How long a rebooting miner is unreachable.")
     ] = 30.0,
+    worker_names: Annotated[
+        str,
+        typer.Option(
+            help="Initial pool workers: 'ip' (<account>.<ip octets>) or 'serial' "
+            "(<account>.<chassis serial>, a farm on an {account}.{serial} worker rule)."
+        ),
+    ] = "ip",
     inventory_out: Annotated[
         Path | None,
         typer.Option(help="Write the true state of every miner to this JSON file once listening."),
@@ -82,6 +89,7 @@ def run(
             faults=faults,
             restart_seconds=restart_seconds,
             reboot_seconds=reboot_seconds,
+            worker_names=worker_names,
         )
         if not 1 <= control_port <= 65535:
             fail(f"--control-port {control_port} is not a TCP port")

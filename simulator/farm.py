@@ -18,6 +18,9 @@ LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 RESERVED = {ipaddress.ip_address("127.0.0.1")}  # control API and everything else on the host
 DEFAULT_MIX = "antminer=60,whatsminer=25,avalon=10,vnish=5"
 DEFAULT_ACCOUNT = "kzfarm01"
+WORKER_NAMING = ("ip", "serial")
+"""How the farm's pool workers are named at start: ``<account>.<ip octets>`` or
+``<account>.<chassis serial>`` (a farm already on a ``{account}.{serial}`` worker rule)."""
 DEFAULT_POOLS = (
     "stratum+tcp://btc.dmp-alpha.example:3333",
     "stratum+tcp://btc-backup.dmp-alpha.example:3333",
@@ -37,6 +40,7 @@ class FarmSpec:
     restart_seconds: float = 20.0
     reboot_seconds: float = 30.0
     account: str = DEFAULT_ACCOUNT
+    worker_names: str = "ip"
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -80,6 +84,7 @@ def farm_spec(
     faults: str = "",
     restart_seconds: float = 20.0,
     reboot_seconds: float = 30.0,
+    worker_names: str = "ip",
 ) -> FarmSpec:
     """Parse and validate the command-line description of a farm."""
     if miners < 1:
@@ -90,6 +95,10 @@ def farm_spec(
         raise FarmSpecError(f"{miners} miners do not fit in {network} (room for {capacity})")
     if restart_seconds < 0 or reboot_seconds < 0:
         raise FarmSpecError("restart and reboot delays must not be negative")
+    if worker_names not in WORKER_NAMING:
+        raise FarmSpecError(
+            f"worker naming {worker_names!r} is not one of {', '.join(WORKER_NAMING)}"
+        )
     return FarmSpec(
         miners=miners,
         mix=parse_mix(mix),
@@ -98,6 +107,7 @@ def farm_spec(
         faults=fault_ops.parse_fault_spec(faults),
         restart_seconds=restart_seconds,
         reboot_seconds=reboot_seconds,
+        worker_names=worker_names,
     )
 
 
@@ -140,6 +150,9 @@ def build_farm(spec: FarmSpec, now: float | None = None) -> list[MinerState]:
         worker = f"{spec.account}.{ip.split('.', 1)[1].replace('.', 'x')}"
         pools = [Pool(url, worker, "x") for url in DEFAULT_POOLS]
         miner = personality.new_miner(rng, ip, model, pools, now)
+        if spec.worker_names == "serial":  # as a farm whose worker rule is {account}.{serial}
+            for pool in miner.pools:
+                pool.user = f"{spec.account}.{miner.serial}"
         miner.restart_seconds = spec.restart_seconds
         miner.reboot_seconds = spec.reboot_seconds
         miner.extra["index"] = index

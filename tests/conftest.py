@@ -35,6 +35,7 @@ async def farm() -> AsyncIterator[FarmFactory]:
         faults: str = "",
         restart_seconds: float = 2.0,
         reboot_seconds: float = 2.0,
+        worker_names: str = "ip",
     ) -> Shard:
         spec = farm_spec(
             miners=miners,
@@ -44,6 +45,7 @@ async def farm() -> AsyncIterator[FarmFactory]:
             faults=faults,
             restart_seconds=restart_seconds,
             reboot_seconds=reboot_seconds,
+            worker_names=worker_names,
         )
         shard = Shard(build_farm(spec))
         await shard.start()
