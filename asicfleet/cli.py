@@ -8,6 +8,7 @@ import typer
 
 from agent.cli import app as agent_app
 from controller.cli import app as controller_app
+from controller.cli.export import verify_export_command
 from simulator.cli import app as sim_app
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.add_typer(sim_app, name="sim")
 app.add_typer(controller_app, name="controller")
 app.add_typer(agent_app, name="agent")
+app.command("verify-export")(verify_export_command)
 
 
 def main() -> None:

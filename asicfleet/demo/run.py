@@ -42,6 +42,7 @@ from asicfleet.demo.plan import (
     DEMO_POOLS,
     DEMO_SITE,
     DEMO_TEMPLATE,
+    Tampering,
     TruthSummary,
     choose_tampering,
     farm_subnet,
@@ -137,6 +138,7 @@ class Demo:
         self.people = People()
         self.children: list[Child] = []
         self.enrollment_token = ""
+        self.tampering = Tampering(foreign=(), malware=())
         self.started = time.monotonic()
 
     @property
@@ -319,6 +321,7 @@ class Demo:
 
         miners = self._sim_get("/miners")
         plan = choose_tampering([m["ip"] for m in miners], self.options.seed)
+        self.tampering = plan
         with httpx.Client(base_url=self.sim_url, timeout=30) as client:
             for ip in plan.malware:
                 client.post(
@@ -465,15 +468,17 @@ class Demo:
 
     @staticmethod
     def _line(truth: TruthSummary, evidence: dict[str, Any]) -> str:
-        totals = evidence.get("fleet") or evidence.get("totals") or evidence
-        incidents = totals.get("incidents", {}) if isinstance(totals, dict) else {}
-        fixed = incidents.get("verified", "?") if isinstance(incidents, dict) else "?"
-        failed = incidents.get("failed", "?") if isinstance(incidents, dict) else "?"
+        fleet = evidence.get("fleet") or {}
+        p95 = fleet.get("detect_to_verified_p95_s")
         return (
             f"machines {truth.miners} (in register {truth.registered}) | "
             f"on approved pools {truth.writable_compliant}/{truth.writable} writable "
-            f"({truth.percent:.1f}%) | drifts fixed {fixed} | failures {failed}"
-        )
+            f"({truth.percent:.1f}%) | drifts fixed {fleet.get('incidents_verified', '?')}, "
+            f"open {fleet.get('incidents_open', '?')}, failed {fleet.get('incidents_failed', '?')}"
+            + (f" | p95 detect-to-verified {p95:.1f} s" if p95 is not None else "")
+            + (f" | repeat offenders {len(fleet['repeat_offenders'])}"
+               if fleet.get("repeat_offenders") else "")
+        )  # fmt: skip
 
 
 @contextlib.contextmanager

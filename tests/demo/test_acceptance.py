@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 
-from asicfleet.demo.plan import choose_tampering
 from asicfleet.demo.run import Demo, DemoOptions, free_port
 
 pytestmark = [pytest.mark.slow]
@@ -86,7 +85,7 @@ def test_a_thousand_miners_are_brought_onto_the_approved_pools_and_kept_there() 
 
         # Let the malware strike twice more; each strike must be detected and corrected.
         time.sleep(2 * (MALWARE_S + POLL_S) + POLL_S)
-        malware_ips = set(choose_tampering(sorted(demo.register_by_ip()), options.seed).malware)
+        plan = demo.tampering
         db = sqlite3.connect(f"file:{demo.root / 'controller' / 'asicfleet.db'}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
         rows = db.execute(
@@ -104,10 +103,10 @@ def test_a_thousand_miners_are_brought_onto_the_approved_pools_and_kept_there() 
     by_ip: dict[str, list[sqlite3.Row]] = defaultdict(list)
     for row in rows:
         by_ip[row["ip"]].append(row)
-    plan = choose_tampering(sorted(by_ip.keys() | malware_ips), options.seed)
+    assert len(plan.foreign) == 100 and len(plan.malware) == 20
     for ip in plan.foreign:
         assert by_ip[ip], f"{ip} started on a foreign pool but has no drift incident"
-    for ip in malware_ips:
+    for ip in plan.malware:
         verified = [r for r in by_ip[ip] if r["outcome"] == "verified"]
         assert len(verified) >= 3, f"malware machine {ip}: {len(verified)} verified corrections"
         assert {r["machine_id"] for r in by_ip[ip]} <= flagged, f"{ip} not flagged"
