@@ -439,6 +439,22 @@ def _print_status(config: AgentConfig, summary: dict[str, Any]) -> None:
             echo("last cycle: none yet")
         miners = last.get("miners", {})
         echo(f"miners:   {miners.get('known', 0)} known, {miners.get('failing', 0)} failing")
+        policy = last.get("policy")
+        if policy:
+            expired = " (expired, still enforced)" if policy.get("expired") else ""
+            echo(
+                f"policy:   version {policy['version']}, {policy['mode']} mode, pool set "
+                f"{policy.get('pool_set') or '-'}, expires {policy['expires_at']}{expired}"
+            )
+        enforced = last.get("enforcement")
+        if enforced:
+            failed = ", ".join(f"{n} {c}" for c, n in enforced.get("failed", {}).items())
+            echo(
+                f"enforcement: {enforced['compliant']} compliant, {enforced['drift']} drifting, "
+                f"{enforced['written']} written, {enforced['verified']} verified, failed: "
+                f"{failed or 'none'}, {enforced['cannot_enforce']} cannot enforce, "
+                f"{enforced['exempt']} exempt, {enforced['unknown']} unknown"
+            )
     echo(f"outbox:   {summary['outbox_depth']} batch(es) waiting, {summary['dead_letters']} parked")
     if last is not None:
         uplink = last.get("uplink", {})
@@ -449,3 +465,170 @@ def _print_status(config: AgentConfig, summary: dict[str, Any]) -> None:
                 f"uplink:   failing ({uplink.get('consecutive_failures')} attempts, next "
                 f"{uplink.get('next_attempt_at')}): {uplink.get('last_error')}"
             )
+
+
+# --- policy and enforcement ---------------------------------------------------------------------
+
+policy_app = typer.Typer(
+    help="The signed pool policy this agent enforces (stored by the daemon after verifying it).",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("show")
+def policy_show(config: ConfigOpt, as_json: JsonOpt = False) -> None:
+    """The policy in force: version, mode, approved pool set, machine counts, expiry. Read
+    from DATA_DIR/policy.json and verified against the controller's pinned key."""
+    from agent.enforce.oneshot import stored_policy
+
+    loaded = _load(config)
+    try:
+        guard = stored_policy(loaded)
+    except AgentError as exc:
+        fail(str(exc))
+    bundle = guard.current
+    assert bundle is not None
+    summary = _policy_summary(bundle, guard.expired())
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    echo = typer.echo
+    echo(f"policy:     version {summary['version']} for site {summary['site']}")
+    echo(f"mode:       {summary['mode']}")
+    expiry = " (EXPIRED: still enforced until the controller sends a newer one)"
+    echo(f"issued:     {summary['issued_at']}")
+    echo(f"expires:    {summary['expires_at']}{expiry if summary['expired'] else ''}")
+    pool_set = summary["pool_set"]
+    if pool_set is None:
+        echo("pool set:   none (nothing to enforce)")
+    else:
+        echo(
+            f"pool set:   {pool_set['name']} v{pool_set['version']} (account "
+            f"{pool_set['account']}, firmware fee pool: {pool_set['devfee']})"
+        )
+        for n, url in enumerate(pool_set["urls"], start=1):
+            echo(f"  slot {n}:   {url}")
+    machines = summary["machines"]
+    echo(
+        f"machines:   {machines['total']} ({machines['registered']} registered, "
+        f"{machines['unregistered']} unregistered, {machines['exempt']} exempt now)"
+    )
+    echo(f"quarantine: {'on' if summary['quarantine_unregistered'] else 'off'} for unregistered")
+    rollout = summary["rollout"]
+    echo(
+        f"rollout:    canary {rollout['canary_size']}, halt above "
+        f"{rollout['max_failure_rate']:.0%} failures, {rollout['writes_per_segment']} writes "
+        f"per segment, {rollout['verify_attempts']} read-backs"
+    )
+
+
+def _policy_summary(bundle: Any, expired: bool) -> dict[str, Any]:
+    from agent.drivers.base import utcnow
+
+    content = bundle.content
+    now = utcnow()
+    pool_set = content.pool_set
+    return {
+        "version": bundle.version,
+        "site": content.site,
+        "mode": str(content.mode),
+        "issued_at": bundle.issued_at.isoformat(),
+        "expires_at": bundle.expires_at.isoformat(),
+        "expired": expired,
+        "pool_set": None if pool_set is None else pool_set.model_dump(mode="json"),
+        "machines": {
+            "total": len(content.machines),
+            "registered": sum(1 for m in content.machines if m.registered),
+            "unregistered": sum(1 for m in content.machines if not m.registered),
+            "exempt": sum(1 for m in content.machines if m.exempt_at(now)),
+        },
+        "quarantine_unregistered": content.quarantine_unregistered,
+        "rollout": content.rollout.model_dump(mode="json"),
+    }
+
+
+@app.command()
+def enforce(
+    config: ConfigOpt,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Decide and show what would change; write nothing to any miner."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """One enforcement pass under the stored policy: scan the segments, poll every miner,
+    decide, and (without --dry-run, in enforce mode) write, read back and verify. Prints one
+    line per machine and the totals; exit 1 if any write was not verified."""
+    from agent.enforce.oneshot import enforce_once
+
+    loaded = _load(config)
+    if not loaded.segments:
+        fail(f"{config}: segments: no segment to enforce on", code=2)
+    logins = _logins(loaded)
+    _quiet_pyasic()
+    try:
+        report = asyncio.run(enforce_once(loaded, logins, dry_run=dry_run))
+    except AgentError as exc:
+        fail(str(exc))
+    result = report.result
+    totals = result.summary()
+    rows = [
+        {
+            "ip": o.ip,
+            "machine_id": o.machine_id,
+            "decision": o.decision,
+            "action": o.action,
+            "canary": o.canary,
+            "detail": o.detail,
+        }
+        for o in result.outcomes
+    ]
+    if as_json:
+        payload = {
+            "dry_run": dry_run,
+            "policy": _policy_summary(report.bundle, report.expired),
+            "miners": {"identified": report.identified, "unidentified": report.unidentified},
+            "totals": totals,
+            "machines": rows,
+            "batches_stored": report.stored,
+        }
+        typer.echo(json.dumps(payload, indent=1))
+    else:
+        _print_enforcement(report, rows, totals, dry_run)
+    if not dry_run and sum(totals["failed"].values()):
+        raise typer.Exit(1)
+
+
+def _print_enforcement(
+    report: Any, rows: list[dict[str, Any]], totals: dict[str, Any], dry_run: bool
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    bundle = report.bundle
+    console = Console(width=max(Console().width, 140))
+    table = Table("IP", "machine", "decision", "action", "detail")
+    for row in rows:
+        action = row["action"] + (" (canary)" if row["canary"] else "")
+        table.add_row(
+            row["ip"], row["machine_id"] or "-", row["decision"], action, row["detail"] or ""
+        )
+    console.print(table)
+    failed = ", ".join(f"{n} {cause}" for cause, n in totals["failed"].items()) or "none"
+    what = "dry run, nothing written" if dry_run else f"{bundle.content.mode} mode"
+    typer.echo(
+        f"policy version {bundle.version} ({what}): {report.identified} miner(s) identified, "
+        f"{report.unidentified} not identifiable"
+    )
+    typer.echo(
+        f"{totals['compliant']} compliant, {totals['drift']} would change / drifting, "
+        f"{totals['written']} written, {totals['verified']} verified, failed: {failed}, "
+        f"{totals['cannot_enforce']} cannot enforce, {totals['exempt']} exempt, "
+        f"{totals['unknown']} unknown, {totals['quarantined']} quarantined, "
+        f"{totals['released']} released"
+    )
+    if report.stored:
+        typer.echo(f"{report.stored} report batch(es) stored in the outbox", err=True)

@@ -53,9 +53,12 @@ from agent.discovery import Discovery
 from agent.drivers.base import Identity, MinerLogin, PollSnapshot, utcnow
 from agent.drivers.factory import DriverFactory
 from agent.drivers.pyasic_backend import DriverOptions
-from agent.errors import AgentError, DriverError, OutboxError, OutboxFull, Timeout
+from agent.enforce.executor import EnforcementResult, Enforcer, EnforcerSettings
+from agent.errors import AgentError, DriverError, OutboxError, OutboxFull, Timeout, UplinkError
 from agent.outbox import Outbox
+from agent.policy import PolicyGuard, PolicyRefused, policy_path
 from agent.uplink import Uplink
+from contract.policy import PolicyBundle
 from contract.reports import Event, EventSeverity, IdentityRecord, Observation, ReportBatch
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,7 @@ class CycleReport:
     batches: int = 0
     stored: int = 0
     errors: dict[str, str] = field(default_factory=dict)
+    enforcement: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -151,7 +155,12 @@ class _Done:
 
 
 class FleetAgent:
-    """Discovery, poll cycles and storing reports, without any scheduling."""
+    """Discovery, poll cycles and storing reports, without any scheduling.
+
+    With a ``policy`` guard, every poll cycle ends with an enforcement pass over the cycle's
+    observations under the guard's current bundle (:mod:`agent.enforce`); its events and
+    read-backs go into the cycle's report. Offer new bundles with :meth:`offer_policy`.
+    """
 
     def __init__(
         self,
@@ -161,6 +170,8 @@ class FleetAgent:
         credentials: dict[str, MinerLogin] | None = None,
         factory: DriverFactory | None = None,
         on_stored: Callable[[], None] | None = None,
+        policy: PolicyGuard | None = None,
+        enforcer_settings: EnforcerSettings | None = None,
     ) -> None:
         polling = config.polling
         self.config = config
@@ -191,6 +202,28 @@ class FleetAgent:
         self._limits: dict[IPv4Network | None, asyncio.Semaphore] = {}
         self._held: list[ReportBatch] = []
         self._full_since: datetime | None = None
+        self.policy = policy
+        self.enforcer = Enforcer(self.factory, self.segments, enforcer_settings)
+        self.last_enforcement: EnforcementResult | None = None
+
+    # --- policy ---------------------------------------------------------------------------------
+
+    async def offer_policy(self, bundle: PolicyBundle) -> bool:
+        """Verify ``bundle`` and put it in force; on refusal store the alert (once per refused
+        bundle) and keep the last valid one. Returns whether the bundle is in force now."""
+        if self.policy is None:
+            raise AgentError("no policy guard: this agent has no pinned controller key")
+        try:
+            self.policy.accept(bundle)
+        except PolicyRefused as exc:
+            await self.refused(exc)
+            return False
+        return True
+
+    async def refused(self, refusal: PolicyRefused) -> None:
+        """Report a refused bundle to the controller (not again for the same bundle)."""
+        if not refusal.repeated:
+            await self.store(Report(events=[refusal.event]))
 
     # --- discovery ------------------------------------------------------------------------------
 
@@ -285,6 +318,10 @@ class FleetAgent:
             if skip.observation is not None:
                 out.observations.append(skip.observation)
         out.observations.sort(key=lambda o: o.ip)
+        enforced = await self.enforce(out.observations)
+        if enforced is not None:
+            out.extend(enforced.report)  # read-backs after the polls: each machine's in order
+            report.enforcement = enforced.summary()
         report.identities = len(out.identities)
         report.observations = len(out.observations)
         report.events = len(out.events)
@@ -308,6 +345,33 @@ class FleetAgent:
             report.duration_s,
         )
         return report
+
+    async def enforce(self, observations: list[Observation]) -> EnforcementResult | None:
+        """One enforcement pass under the policy in force (None: no policy, nothing done)."""
+        bundle = self.policy.current if self.policy is not None else None
+        if bundle is None:
+            return None
+        try:
+            result = await self.enforcer.run(bundle, observations)
+        except Exception:  # enforcement must never cost the cycle its observations
+            log.exception("enforcement pass failed")
+            return None
+        self.last_enforcement = result
+        counts = result.summary()
+        log.info(
+            "enforcement (policy %d, %s): %d compliant, %d written, %d verified, %s failed, "
+            "%d cannot enforce, %d exempt, %d unknown",
+            bundle.version,
+            bundle.content.mode,
+            counts["compliant"],
+            counts["written"],
+            counts["verified"],
+            sum(counts["failed"].values()),
+            counts["cannot_enforce"],
+            counts["exempt"],
+            counts["unknown"],
+        )
+        return result
 
     async def _bounded(self, task: Task) -> _Done:
         async with self._limit(task.ip):
@@ -431,8 +495,13 @@ class Daemon:
         transport: httpx.AsyncBaseTransport | None = None,
         flush_timeout_s: float = 30.0,
         status_interval_s: float = STATUS_INTERVAL_S,
+        policy_guard: PolicyGuard | None = None,
+        enforcer_settings: EnforcerSettings | None = None,
     ) -> None:
         self.config = config
+        self.policy_guard = policy_guard
+        self.enforcer_settings = enforcer_settings
+        self._policy_pull_failing = False
         self.secrets = secrets
         self.transport = transport
         self.flush_timeout_s = flush_timeout_s
@@ -462,12 +531,25 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.request_stop)
         self.outbox = Outbox.from_config(config)
-        self.uplink = Uplink.from_config(config, self.secrets, transport=self.transport)
+        guard = self.policy_guard
+        if guard is None and config.controller.public_key is not None:
+            guard = PolicyGuard(
+                config.controller.public_key, policy_path(config.data_dir), site=config.site
+            )
+            self.policy_guard = guard
+        self.uplink = Uplink.from_config(
+            config,
+            self.secrets,
+            transport=self.transport,
+            verify_policy=guard.accept if guard is not None else None,
+        )
         self.agent = FleetAgent(
             config,
             self.outbox,
             credentials=miner_credentials(self.secrets),
             on_stored=self._wake.set,
+            policy=guard,
+            enforcer_settings=self.enforcer_settings,
         )
         drain_stop = asyncio.Event()
         drain = asyncio.create_task(
@@ -541,12 +623,41 @@ class Daemon:
                 finally:
                     self._schedule_polls()
             elif name == "poll":
+                await self.pull_policy()
                 await self.agent.poll_cycle()
             await self.write_status()
         except AgentError as exc:
             log.error("%s: %s", name, exc)
         except Exception:
             log.exception("%s failed", name)
+
+    async def pull_policy(self) -> None:
+        """Fetch and verify the controller's bundle before a cycle. The controller being away
+        keeps the policy in force (one log line when it starts failing); a refused bundle keeps
+        it too and is reported (``policy_refused``)."""
+        guard, uplink, agent = self.policy_guard, self.uplink, self.agent
+        if guard is None or uplink is None or agent is None:
+            return
+        bound = max(1.0, min(self.config.uplink.timeout_s, self.config.polling.poll_interval_s / 3))
+        try:
+            async with asyncio.timeout(bound):
+                await uplink.pull_policy()
+        except PolicyRefused as exc:
+            await agent.refused(exc)
+            return
+        except (UplinkError, TimeoutError) as exc:
+            current = guard.current
+            keeping = f"version {current.version}" if current is not None else "no policy"
+            reason = str(exc) or f"no answer within {bound:g} s"
+            if not self._policy_pull_failing:
+                log.warning("policy pull failed (%s); keeping %s", reason, keeping)
+            else:
+                log.debug("policy pull failed (%s); keeping %s", reason, keeping)
+            self._policy_pull_failing = True
+            return
+        if self._policy_pull_failing:
+            log.info("policy pull works again")
+        self._policy_pull_failing = False
 
     def _schedule_polls(self) -> None:
         """Polling starts when the first scan has ended (well or not): before it, there is
@@ -641,6 +752,10 @@ class Daemon:
                 "failing": sum(1 for r in records if r.failures),
             },
             "last_cycle": agent.last_cycle.as_dict() if agent.last_cycle else None,
+            "policy": self._policy_status(),
+            "enforcement": (
+                agent.last_enforcement.summary() if agent.last_enforcement is not None else None
+            ),
             "last_discovery": agent.last_discovery.as_dict() if agent.last_discovery else None,
             "outbox": stats,
             "uplink": {
@@ -657,6 +772,26 @@ class Daemon:
             await asyncio.to_thread(atomic_write, status_path(self.config), data, 0o644)
         except AgentError as exc:
             log.warning("cannot write the status file: %s", exc)
+
+    def _policy_status(self) -> dict[str, Any] | None:
+        guard = self.policy_guard
+        bundle = guard.current if guard is not None else None
+        if bundle is None:
+            return None
+        content = bundle.content
+        return {
+            "version": bundle.version,
+            "mode": str(content.mode),
+            "issued_at": _iso(bundle.issued_at),
+            "expires_at": _iso(bundle.expires_at),
+            "expired": bundle.expires_at <= utcnow(),
+            "pool_set": content.pool_set.name if content.pool_set is not None else None,
+            "pool_set_version": (
+                content.pool_set.version if content.pool_set is not None else None
+            ),
+            "machines": len(content.machines),
+            "pull_failing": self._policy_pull_failing,
+        }
 
 
 def read_status(config: AgentConfig) -> dict[str, Any] | None:

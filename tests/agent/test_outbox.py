@@ -18,7 +18,7 @@ import pytest
 
 from agent.errors import OutboxError, OutboxFull
 from agent.outbox import Outbox
-from contract import Observation, ReportBatch
+from contract import CONTRACT_VERSION, Observation, ReportBatch
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -121,7 +121,9 @@ def test_an_unreadable_row_is_parked_instead_of_blocking_the_queue(tmp_path: Pat
     with Outbox(path) as box:
         bad, good = box.put(make_batch()), box.put(make_batch())
     with sqlite3.connect(path) as conn:  # e.g. written by a newer agent with a new major
-        body = bad.model_dump_json().replace('"contract_version":"1.0"', '"contract_version":"9.0"')
+        ours = f'"contract_version":"{CONTRACT_VERSION}"'
+        body = bad.model_dump_json().replace(ours, '"contract_version":"9.0"')
+        assert body != bad.model_dump_json()
         conn.execute("UPDATE pending SET body = ? WHERE batch_id = ?", (body, str(bad.batch_id)))
     conn.close()
     with Outbox(path) as box:

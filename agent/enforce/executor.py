@@ -1,0 +1,867 @@
+"""Carry out one cycle's pool decisions: write, read back, verify, report — never assume.
+
+For every polled miner :func:`~agent.enforce.decide.decide` says what should happen; this
+module does it (in ``enforce`` mode) and turns it into evidence:
+
+- a miner off its approved pools opens an *incident*: one ``pool_drift`` event, however many
+  cycles it lasts; a later re-drift (malware reverting the pools) is a new incident;
+- a write (``pool_write``) is read back with ``driver.poll()`` up to
+  ``rollout.verify_attempts`` times (waiting ``verify_delays_s`` between reads) and judged with
+  :func:`contract.compliance.assess_pools`; passwords are never compared (firmware masks them);
+- verified -> ``pool_verified``; otherwise ``pool_write_failed`` with the cause: the miner
+  refused our login (``auth_failed``), did not answer (``unreachable``), answered with an error
+  (``refused``), still reports an unapproved extra pool (``hidden_pool``), or read back
+  unchanged: then it is rebooted and reported ``pending_reboot``; a later cycle reports
+  ``pool_verified`` with ``after_reboot`` or, still unchanged, ``write_ignored``;
+- after ``write_ignored``, ``hidden_pool``, ``auth_failed`` or ``refused`` the machine is not
+  rewritten for ``retry_after_cycles`` cycles (a firmware that ignores writes would otherwise
+  be hammered every cycle); ``unreachable`` is retried on the next cycle it answers;
+- the first writes under a new policy (or pool set) version are a canary: ``canary_size``
+  machines (lowest IPs first); if more than ``max_failure_rate`` of them fail, the rollout of
+  that version halts (``rollout_halted``) and no further write is attempted under it;
+- a machine hashing while unregistered is put to sleep when the policy quarantines
+  (``quarantined``) and woken when it is registered (``released``).
+
+Every read-back is added to the cycle's report as an observation, so the controller sees the
+corrected state with its own timestamp. Writes are bounded per segment by
+``rollout.writes_per_segment``. Observe mode and dry runs decide the same, write nothing.
+
+Memory (open incidents, pending reboots, quarantined machines, the rollout's state) lives in
+this object, keyed by IP: an agent restart forgets it, which costs at most one more write and a
+new canary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Protocol
+
+from agent.coordinator import Report, segment_of
+from agent.drivers.base import MinerDriver, PollSnapshot, utcnow
+from agent.enforce.decide import (
+    CannotEnforce,
+    Compliant,
+    Decision,
+    Exempt,
+    MachineIndex,
+    MinerView,
+    Quarantine,
+    Quarantined,
+    Release,
+    Unknown,
+    WritePools,
+    decide,
+    only_extra_pools,
+    writable_set,
+)
+from agent.errors import DriverError
+from contract.compliance import assess_pools
+from contract.enforcement import EnforcementEvent, EnforcementFacts, FailureCause
+from contract.policy import EnforcementMode, PolicyBundle, PolicyContent
+from contract.reports import Event, EventSeverity, Observation, PoolReading
+from firmware_profiles import ResolvedProfile
+
+log = logging.getLogger(__name__)
+
+MAX_FACT_ITEMS = 16
+
+
+class DriverSource(Protocol):
+    """Where drivers come from (the agent's :class:`~agent.drivers.factory.DriverFactory`)."""
+
+    @property
+    def drivers(self) -> Mapping[str, Any]: ...
+
+    def driver_for(self, ip: str) -> Awaitable[MinerDriver]: ...
+
+
+@dataclass(frozen=True)
+class EnforcerSettings:
+    verify_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Waits before the 2nd, 3rd … read-back (the last one repeats)."""
+    retry_after_cycles: int = 10
+    """Cycles to leave a machine alone after a write failed for a cause that retrying at once
+    would not fix (ignored, hidden pool, refused login, firmware error)."""
+
+
+class RolloutState(StrEnum):
+    DONE = "done"
+    HALTED = "halted"
+
+
+@dataclass
+class Incident:
+    """One stretch of a machine being off its approved pools."""
+
+    detected_at: datetime
+    problems: tuple[str, ...] = ()
+    written_at: datetime | None = None
+    writes: int = 0
+    readbacks: int = 0
+    pending_reboot: bool = False
+    failed: FailureCause | None = None
+    retry_cycle: int = 0
+
+
+@dataclass
+class Memory:
+    """What the executor remembers about one machine between cycles."""
+
+    incident: Incident | None = None
+    cannot: str | None = None
+    quarantined: bool = False
+
+
+@dataclass
+class MachineOutcome:
+    """One machine's line in a pass: what was decided and what came of it."""
+
+    ip: str
+    machine_id: str | None
+    decision: str
+    action: str
+    detail: str = ""
+    canary: bool = False
+
+
+@dataclass
+class EnforcementResult:
+    """One pass: the report items (events, read-back observations), per-machine outcomes and
+    the counts the status file shows."""
+
+    report: Report = field(default_factory=Report)
+    outcomes: list[MachineOutcome] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    policy_version: int | None = None
+    mode: str | None = None
+    halted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        keys = (
+            "compliant",
+            "drift",
+            "written",
+            "verified",
+            "cannot_enforce",
+            "exempt",
+            "unknown",
+            "quarantined",
+            "released",
+            "backing_off",
+        )
+        data: dict[str, Any] = {k: self.counts.get(k, 0) for k in keys}
+        data["failed"] = dict(sorted(self.failed.items()))
+        data["policy_version"] = self.policy_version
+        data["mode"] = self.mode
+        data["rollout_halted"] = self.halted
+        return data
+
+
+def capabilities_of(driver: object) -> tuple[bool, str | None, int | None, bool]:
+    """(can_set_pools, why not, pool slots, can_sleep) from the driver's firmware profile."""
+    profile = getattr(driver, "profile", None)
+    family = getattr(driver, "family", "this firmware")
+    if not isinstance(profile, ResolvedProfile):
+        return False, f"no firmware profile for {family}: pool writes are not known", None, False
+    caps = profile.capabilities
+    why = None if caps.can_set_pools else f"{family} firmware cannot set pools (can_set_pools)"
+    return caps.can_set_pools, why, caps.pool_slots, caps.can_sleep
+
+
+def cause_of(error: DriverError) -> FailureCause:
+    """A write's exception -> the cause reported for it."""
+    if error.kind == "auth_failed":
+        return FailureCause.AUTH_FAILED
+    if error.kind in ("unreachable", "timeout"):
+        return FailureCause.UNREACHABLE
+    return FailureCause.REFUSED
+
+
+def readings_of(snapshot: PollSnapshot) -> tuple[PoolReading, ...]:
+    return tuple(p.to_reading() for p in snapshot.pools)
+
+
+class Enforcer:
+    """Runs enforcement passes for one agent; keeps the memory between them."""
+
+    def __init__(
+        self,
+        drivers: DriverSource,
+        segments: Sequence[IPv4Network] = (),
+        settings: EnforcerSettings | None = None,
+    ) -> None:
+        self.drivers = drivers
+        self.segments = tuple(segments)
+        self.settings = settings or EnforcerSettings()
+        self.memory: dict[str, Memory] = {}
+        self.rollouts: dict[tuple[int, int | None], RolloutState] = {}
+        self.passes = 0
+        self._limits: dict[tuple[IPv4Network | None, int], asyncio.Semaphore] = {}
+        self._index: tuple[int, MachineIndex] | None = None
+        self.last: EnforcementResult | None = None
+
+    # --- views ----------------------------------------------------------------------------------
+
+    def view_of(self, observation: Observation) -> MinerView:
+        """A poll's observation, the kept driver's capabilities and our memory -> MinerView."""
+        ip = str(observation.ip)
+        driver = self.drivers.drivers.get(ip)
+        read = observation.error is None and observation.reachable and driver is not None
+        can_set, why, slots, can_sleep = capabilities_of(driver)
+        return MinerView(
+            ip=ip,
+            serial=observation.serial,
+            mac=observation.mac,
+            family=getattr(driver, "family", None),
+            reachable=observation.reachable,
+            pools=tuple(observation.pools) if read else None,
+            is_mining=observation.is_mining,
+            can_set_pools=can_set,
+            cannot_set_pools_reason=why,
+            pool_slots=slots,
+            can_sleep=can_sleep,
+            quarantined=ip in self.memory and self.memory[ip].quarantined,
+        )
+
+    def _machine_index(self, bundle: PolicyBundle) -> MachineIndex:
+        if self._index is None or self._index[0] != bundle.version:
+            self._index = (bundle.version, MachineIndex.of(bundle.content.machines))
+        return self._index[1]
+
+    # --- a pass ---------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        bundle: PolicyBundle | None,
+        observations: Sequence[Observation],
+        *,
+        now: datetime | None = None,
+        dry_run: bool = False,
+    ) -> EnforcementResult:
+        """Decide for every observation and, in enforce mode (not a dry run), act."""
+        self.passes += 1
+        now = now or utcnow()
+        policy = bundle.content if bundle is not None else None
+        index = self._machine_index(bundle) if bundle is not None else None
+        act = policy is not None and policy.mode is EnforcementMode.ENFORCE and not dry_run
+        ctx = _Context(self, bundle, policy, act, dry_run)
+        result = ctx.result
+        result.policy_version = bundle.version if bundle is not None else None
+        result.mode = str(policy.mode) if policy is not None else None
+        for observation in sorted(observations, key=lambda o: o.ip):
+            view = self.view_of(observation)
+            decision = decide(policy, view, now, index=index)
+            ctx.handle(observation, view, decision)
+        await ctx.act_on_sleep_and_wake()
+        await ctx.write_all()
+        ctx.finish()
+        self.last = result
+        return result
+
+    def limit(self, ip: str, size: int) -> asyncio.Semaphore:
+        """The per-segment bound on writes (``size`` comes from the policy in force)."""
+        key = (segment_of(ip, self.segments) if self.segments else None, size)
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self._limits[key] = asyncio.Semaphore(size)
+        return limit
+
+
+@dataclass
+class _Write:
+    observation: Observation
+    decision: WritePools
+    memory: Memory
+    canary: bool = False
+
+
+@dataclass
+class _Done:
+    """What one machine's action produced, merged into the report in IP order."""
+
+    ip: str
+    events: list[Event] = field(default_factory=list)
+    observation: Observation | None = None
+    verified: bool = False
+    outcome: MachineOutcome | None = None
+
+
+class _Context:
+    """One pass's working state (so that :class:`Enforcer` keeps only the memory)."""
+
+    def __init__(
+        self,
+        enforcer: Enforcer,
+        bundle: PolicyBundle | None,
+        policy: PolicyContent | None,
+        act: bool,
+        dry_run: bool,
+    ) -> None:
+        self.enforcer = enforcer
+        self.settings = enforcer.settings
+        self.bundle = bundle
+        self.policy = policy
+        self.act = act
+        self.dry_run = dry_run
+        self.result = EnforcementResult()
+        self.events: dict[str, list[Event]] = {}
+        self.readbacks: dict[str, Observation] = {}
+        self.outcomes: dict[str, MachineOutcome] = {}
+        self.writes: list[_Write] = []
+        self.would_write: list[str] = []
+        self.sleep_wake: list[tuple[Observation, Quarantine | Release, Memory]] = []
+        self.cycle = enforcer.passes
+        self.key = (
+            (bundle.version, policy.pool_set.version if policy.pool_set else None)
+            if bundle is not None and policy is not None
+            else None
+        )
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def facts(self, machine_id: str | None, **values: Any) -> dict[str, Any]:
+        pool_set = self.policy.pool_set if self.policy is not None else None
+        values["problems"] = list(values.get("problems", ()))[:MAX_FACT_ITEMS]
+        values["observed"] = list(values.get("observed", ()))[:MAX_FACT_ITEMS]
+        return EnforcementFacts(
+            machine_id=machine_id,
+            policy_version=self.bundle.version if self.bundle is not None else None,
+            pool_set_version=pool_set.version if pool_set is not None else None,
+            dry_run=self.dry_run,
+            **values,
+        ).model_dump(mode="json")
+
+    def emit(
+        self,
+        ip: str,
+        kind: EnforcementEvent,
+        detail: str,
+        severity: EventSeverity,
+        machine_id: str | None,
+        at: datetime | None = None,
+        **facts: Any,
+    ) -> Event:
+        event = Event(
+            kind=kind.value,
+            at=at or utcnow(),
+            severity=severity,
+            ip=IPv4Address(ip),
+            detail=detail[:4096],
+            data=self.facts(machine_id, **facts),
+        )
+        self.events.setdefault(ip, []).append(event)
+        return event
+
+    def outcome(
+        self, ip: str, machine_id: str | None, decision: Decision, action: str, detail: str = ""
+    ) -> None:
+        self.outcomes[ip] = MachineOutcome(
+            ip, machine_id, type(decision).__name__, action, detail[:300]
+        )
+
+    def fail(
+        self,
+        ip: str,
+        write: _Write | None,
+        memory: Memory,
+        cause: FailureCause,
+        detail: str,
+        *,
+        retry_in: int,
+        severity: EventSeverity = EventSeverity.WARNING,
+        observed: Sequence[PoolReading] = (),
+    ) -> None:
+        incident = memory.incident
+        assert incident is not None
+        machine_id = write.decision.machine.machine_id if write is not None else None
+        self.emit(
+            ip,
+            EnforcementEvent.POOL_WRITE_FAILED,
+            f"pool write not verified ({cause.value}): {detail}",
+            severity,
+            machine_id,
+            detected_at=incident.detected_at,
+            written_at=incident.written_at,
+            attempts=incident.readbacks,
+            cause=cause,
+            problems=incident.problems,
+            observed=observed,
+        )
+        incident.failed = cause
+        incident.retry_cycle = self.cycle + retry_in
+        self.result.failed[cause.value] += 1
+
+    # --- decisions ------------------------------------------------------------------------------
+
+    def handle(self, observation: Observation, view: MinerView, decision: Decision) -> None:
+        ip = str(observation.ip)
+        memory = self.enforcer.memory.setdefault(ip, Memory())
+        machine_id = decision.machine.machine_id if decision.machine is not None else None
+        counts = self.result.counts
+        if isinstance(decision, Compliant):
+            self._compliant(observation, decision, memory)
+        elif isinstance(decision, Exempt):
+            counts["exempt"] += 1
+            memory.incident, memory.cannot = None, None
+            self.outcome(
+                ip,
+                machine_id,
+                decision,
+                "exempt",
+                f"until {decision.until:%Y-%m-%d %H:%M}Z: {decision.reason}",
+            )
+        elif isinstance(decision, Unknown):
+            counts["unknown"] += 1
+            self.outcome(ip, machine_id, decision, "unknown", decision.reason)
+        elif isinstance(decision, Quarantined):
+            counts["quarantined"] += 1
+            self.outcome(ip, machine_id, decision, "asleep (quarantined)")
+        elif isinstance(decision, CannotEnforce):
+            self._cannot(observation, decision, memory)
+        elif isinstance(decision, WritePools):
+            self._drift(observation, decision, memory)
+        elif isinstance(decision, Quarantine | Release):
+            verb = "sleep" if isinstance(decision, Quarantine) else "wake"
+            if self.act:
+                self.sleep_wake.append((observation, decision, memory))
+            else:
+                counts["quarantined" if verb == "sleep" else "released"] += 1
+                self.outcome(ip, machine_id, decision, f"would {verb}")
+
+    def _compliant(self, observation: Observation, decision: Compliant, memory: Memory) -> None:
+        ip = str(observation.ip)
+        incident = memory.incident
+        machine_id = decision.machine.machine_id
+        if incident is not None and incident.written_at is not None and incident.failed is not None:
+            after_reboot = incident.pending_reboot
+            self.emit(
+                ip,
+                EnforcementEvent.POOL_VERIFIED,
+                "on the approved pools"
+                + (" after the reboot" if after_reboot else " (read on a later cycle)"),
+                EventSeverity.INFO,
+                machine_id,
+                at=observation.observed_at,
+                detected_at=incident.detected_at,
+                written_at=incident.written_at,
+                verified_at=observation.observed_at,
+                attempts=incident.readbacks + 1,
+                after_reboot=after_reboot,
+                observed=observation.pools,
+            )
+            self.result.counts["verified"] += 1
+            self.outcome(
+                ip, machine_id, decision, "verified", "after reboot" if after_reboot else ""
+            )
+        else:
+            self.outcome(ip, machine_id, decision, "compliant")
+        self.result.counts["compliant"] += 1
+        memory.incident, memory.cannot = None, None
+
+    def _open(
+        self, observation: Observation, machine_id: str, problems: tuple[str, ...], memory: Memory
+    ) -> Incident:
+        """The incident in progress, or a new one (with its one ``pool_drift`` event)."""
+        if memory.incident is not None:
+            return memory.incident
+        incident = Incident(detected_at=observation.observed_at, problems=problems)
+        memory.incident = incident
+        self.emit(
+            str(observation.ip),
+            EnforcementEvent.POOL_DRIFT,
+            "off the approved pools: " + "; ".join(problems),
+            EventSeverity.WARNING,
+            machine_id,
+            at=observation.observed_at,
+            detected_at=observation.observed_at,
+            problems=problems,
+            observed=observation.pools,
+        )
+        return incident
+
+    def _cannot(self, observation: Observation, decision: CannotEnforce, memory: Memory) -> None:
+        ip = str(observation.ip)
+        machine_id = decision.machine.machine_id
+        if decision.problems:
+            self._open(observation, machine_id, decision.problems, memory)
+        if memory.cannot != decision.reason:
+            self.emit(
+                ip,
+                EnforcementEvent.CANNOT_ENFORCE,
+                decision.reason,
+                EventSeverity.WARNING,
+                machine_id,
+                at=observation.observed_at,
+                problems=decision.problems,
+                observed=observation.pools,
+            )
+            memory.cannot = decision.reason
+        self.result.counts["cannot_enforce"] += 1
+        self.outcome(ip, machine_id, decision, "cannot enforce", decision.reason)
+
+    def _drift(self, observation: Observation, decision: WritePools, memory: Memory) -> None:
+        ip = str(observation.ip)
+        machine_id = decision.machine.machine_id
+        incident = self._open(observation, machine_id, decision.problems, memory)
+        incident.problems = decision.problems
+        memory.cannot = None
+        counts = self.result.counts
+        if incident.pending_reboot:
+            incident.pending_reboot = False
+            self.fail(
+                ip,
+                _Write(observation, decision, memory),
+                memory,
+                FailureCause.IGNORED,
+                "the write was acknowledged, but the pools are unchanged even after a reboot",
+                retry_in=self.settings.retry_after_cycles,
+                severity=EventSeverity.CRITICAL,
+                observed=observation.pools,
+            )
+            self.outcome(ip, machine_id, decision, "failed: write_ignored")
+            return
+        if not self.act:
+            counts["drift"] += 1
+            self.would_write.append(ip)
+            targets = ", ".join(t.url for t in decision.targets)
+            verb = "would write" if self.dry_run else "drift (observe)"
+            self.outcome(
+                ip,
+                machine_id,
+                decision,
+                verb,
+                f"{targets} as {decision.worker}: " + "; ".join(decision.problems),
+            )
+            return
+        if incident.retry_cycle > self.cycle:
+            counts["backing_off"] += 1
+            self.outcome(
+                ip,
+                machine_id,
+                decision,
+                "backing off",
+                f"after {incident.failed}; next write in "
+                f"{incident.retry_cycle - self.cycle} cycle(s)",
+            )
+            return
+        if self.key is not None and self.enforcer.rollouts.get(self.key) is RolloutState.HALTED:
+            if incident.failed is not FailureCause.HALTED:
+                self.fail(
+                    ip,
+                    _Write(observation, decision, memory),
+                    memory,
+                    FailureCause.HALTED,
+                    f"not attempted: the rollout of policy version {self.key[0]} halted on its "
+                    "canary",
+                    retry_in=0,
+                    observed=observation.pools,
+                )
+            self.outcome(ip, machine_id, decision, "not attempted: rollout halted")
+            return
+        self.writes.append(_Write(observation, decision, memory))
+
+    # --- actions --------------------------------------------------------------------------------
+
+    async def act_on_sleep_and_wake(self) -> None:
+        size = self.policy.rollout.writes_per_segment if self.policy is not None else 8
+        await asyncio.gather(*(self._sleep_or_wake(o, d, m, size) for o, d, m in self.sleep_wake))
+
+    async def _sleep_or_wake(
+        self, observation: Observation, decision: Quarantine | Release, memory: Memory, size: int
+    ) -> None:
+        ip = str(observation.ip)
+        machine_id = decision.machine.machine_id
+        sleeping = isinstance(decision, Quarantine)
+        async with self.enforcer.limit(ip, size):
+            try:
+                driver = await self.enforcer.drivers.driver_for(ip)
+                await (driver.sleep() if sleeping else driver.wake())
+            except DriverError as exc:
+                reason = f"{'sleep' if sleeping else 'wake'} failed: {exc.kind}: {exc.reason}"
+                if memory.cannot != reason:
+                    self.emit(
+                        ip,
+                        EnforcementEvent.CANNOT_ENFORCE,
+                        reason,
+                        EventSeverity.WARNING,
+                        machine_id,
+                    )
+                    memory.cannot = reason
+                self.result.counts["cannot_enforce"] += 1
+                self.outcome(ip, machine_id, decision, "failed", reason)
+                return
+        memory.cannot = None
+        if sleeping:
+            memory.quarantined = True
+            self.emit(
+                ip,
+                EnforcementEvent.QUARANTINED,
+                "hashing while unregistered: put to sleep until it is claimed",
+                EventSeverity.WARNING,
+                machine_id,
+                detected_at=observation.observed_at,
+            )
+            self.result.counts["quarantined"] += 1
+            self.outcome(ip, machine_id, decision, "put to sleep")
+        else:
+            memory.quarantined = False
+            self.emit(
+                ip, EnforcementEvent.RELEASED, "registered: woken", EventSeverity.INFO, machine_id
+            )
+            self.result.counts["released"] += 1
+            self.outcome(ip, machine_id, decision, "woken")
+
+    async def write_all(self) -> None:
+        """Write the machines that need it: the canary first under a new version."""
+        if self.policy is None or self.key is None or not self.act:
+            return
+        rollout = self.policy.rollout
+        rollouts = self.enforcer.rollouts
+        writes = sorted(self.writes, key=lambda w: IPv4Address(str(w.observation.ip)))
+        if self.key in rollouts:
+            await self._write(writes, rollout.writes_per_segment, rollout.verify_attempts)
+            return
+        if not writes:
+            rollouts.clear()
+            rollouts[self.key] = RolloutState.DONE
+            return
+        canary, rest = writes[: rollout.canary_size], writes[rollout.canary_size :]
+        for write in canary:
+            write.canary = True
+        verified = await self._write(canary, rollout.writes_per_segment, rollout.verify_attempts)
+        failures = len(canary) - verified
+        rollouts.clear()
+        if failures / len(canary) > rollout.max_failure_rate:
+            rollouts[self.key] = RolloutState.HALTED
+            self.result.halted = True
+            first = str(canary[0].observation.ip)
+            self.emit(
+                first,
+                EnforcementEvent.ROLLOUT_HALTED,
+                f"policy version {self.key[0]}: {failures} of {len(canary)} canary write(s) "
+                f"failed (more than {rollout.max_failure_rate:.0%}); no further writes under "
+                "this version",
+                EventSeverity.CRITICAL,
+                None,
+                problems=[
+                    f"{w.observation.ip}: {w.memory.incident.failed}"
+                    for w in canary
+                    if w.memory.incident is not None and w.memory.incident.failed
+                ],
+            )
+            for write in rest:
+                ip = str(write.observation.ip)
+                self.fail(
+                    ip,
+                    write,
+                    write.memory,
+                    FailureCause.HALTED,
+                    f"not attempted: the rollout of policy version {self.key[0]} halted on its "
+                    "canary",
+                    retry_in=0,
+                    observed=write.observation.pools,
+                )
+                self.outcome(
+                    ip,
+                    write.decision.machine.machine_id,
+                    write.decision,
+                    "not attempted: rollout halted",
+                )
+            return
+        rollouts[self.key] = RolloutState.DONE
+        await self._write(rest, rollout.writes_per_segment, rollout.verify_attempts)
+
+    def _mark_canary(self) -> None:
+        """Dry run: flag the machines that would be the canary of a new version."""
+        if self.policy is None or self.key in self.enforcer.rollouts:
+            return
+        canary = sorted(self.would_write, key=IPv4Address)[: self.policy.rollout.canary_size]
+        for ip in canary:
+            if ip in self.outcomes:
+                self.outcomes[ip].canary = True
+
+    async def _write(self, writes: Sequence[_Write], size: int, attempts: int) -> int:
+        done = await asyncio.gather(*(self._write_one(w, size, attempts) for w in writes))
+        return sum(1 for ok in done if ok)
+
+    async def _write_one(self, write: _Write, size: int, attempts: int) -> bool:
+        try:
+            async with self.enforcer.limit(str(write.observation.ip), size):
+                return await self._write_and_verify(write, attempts)
+        except Exception as exc:  # a driver bug must not end the pass for everyone else
+            log.exception("enforcement write to %s failed unexpectedly", write.observation.ip)
+            ip = str(write.observation.ip)
+            if write.memory.incident is not None:
+                self.fail(
+                    ip,
+                    write,
+                    write.memory,
+                    FailureCause.REFUSED,
+                    f"internal error: {exc!r}"[:300],
+                    retry_in=1,
+                )
+            return False
+
+    async def _write_and_verify(self, write: _Write, attempts: int) -> bool:
+        observation, decision, memory = write.observation, write.decision, write.memory
+        ip = str(observation.ip)
+        machine_id = decision.machine.machine_id
+        incident = memory.incident
+        assert incident is not None and self.policy is not None and self.policy.pool_set is not None
+        pool_set = writable_set(self.policy.pool_set)
+        label = "canary write" if write.canary else "write"
+        self.result.counts["written"] += 1
+        incident.written_at = written_at = utcnow()
+        incident.writes += 1
+        incident.failed = None
+        incident.readbacks = 0
+        targets = [t.url for t in decision.targets]
+        self.emit(
+            ip,
+            EnforcementEvent.POOL_WRITE,
+            f"wrote {', '.join(targets)} as {decision.worker}"
+            + (" (canary)" if write.canary else ""),
+            EventSeverity.INFO,
+            machine_id,
+            at=written_at,
+            detected_at=incident.detected_at,
+            written_at=written_at,
+            problems=decision.problems,
+            observed=observation.pools,
+        )
+        retry = self.settings.retry_after_cycles
+        try:
+            driver = await self.enforcer.drivers.driver_for(ip)
+            await driver.set_pools(decision.targets)
+        except DriverError as exc:
+            cause = cause_of(exc)
+            self.fail(
+                ip,
+                write,
+                memory,
+                cause,
+                f"{exc.kind}: {exc.reason}",
+                retry_in=1 if cause is FailureCause.UNREACHABLE else retry,
+            )
+            self.outcome(ip, machine_id, decision, f"failed: {cause.value}", exc.reason)
+            return False
+        snapshot: PollSnapshot | None = None
+        read: PollSnapshot | None = None
+        hidden = False
+        delays = self.settings.verify_delays_s or (0.0,)
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(delays[min(attempt - 2, len(delays) - 1)])
+            snapshot = await driver.poll()
+            incident.readbacks = attempt
+            if snapshot.error is not None or not snapshot.reachable:
+                continue
+            read = snapshot
+            readings = readings_of(snapshot)
+            if assess_pools(pool_set, decision.worker, readings).compliant:
+                self.readbacks[ip] = self._observation(snapshot, observation)
+                self.emit(
+                    ip,
+                    EnforcementEvent.POOL_VERIFIED,
+                    f"read back on the approved pools ({label}, {attempt} read(s))",
+                    EventSeverity.INFO,
+                    machine_id,
+                    at=snapshot.observed_at,
+                    detected_at=incident.detected_at,
+                    written_at=written_at,
+                    verified_at=snapshot.observed_at,
+                    attempts=attempt,
+                    observed=readings,
+                )
+                self.result.counts["verified"] += 1
+                self.outcome(ip, machine_id, decision, "verified", label)
+                memory.incident = None
+                return True
+            if only_extra_pools(pool_set, decision.worker, readings):
+                hidden = True
+                break
+        if snapshot is not None:
+            self.readbacks[ip] = self._observation(snapshot, observation)
+        if read is None:
+            self.fail(
+                ip,
+                write,
+                memory,
+                FailureCause.UNREACHABLE,
+                f"no answer to {incident.readbacks} read-back(s) after the write",
+                retry_in=1,
+            )
+            self.outcome(ip, machine_id, decision, "failed: unreachable", "no read-back")
+            return False
+        readings = readings_of(read)
+        if hidden:
+            self.fail(
+                ip,
+                write,
+                memory,
+                FailureCause.HIDDEN_POOL,
+                "the approved pools are in place, but the miner still reports an unapproved "
+                "extra pool",
+                retry_in=retry,
+                severity=EventSeverity.CRITICAL,
+                observed=readings,
+            )
+            self.outcome(ip, machine_id, decision, "failed: hidden_pool")
+            return False
+        try:
+            await driver.reboot()
+        except DriverError as exc:
+            self.fail(
+                ip,
+                write,
+                memory,
+                FailureCause.IGNORED,
+                f"acknowledged but read back unchanged after {incident.readbacks} read(s); "
+                f"the reboot to apply it failed ({exc.kind}: {exc.reason})",
+                retry_in=retry,
+                severity=EventSeverity.CRITICAL,
+                observed=readings,
+            )
+            self.outcome(ip, machine_id, decision, "failed: write_ignored", "reboot failed")
+            return False
+        self.fail(
+            ip,
+            write,
+            memory,
+            FailureCause.PENDING_REBOOT,
+            f"acknowledged but read back unchanged after {incident.readbacks} read(s); rebooted "
+            "so that it applies; checked again next cycle",
+            retry_in=0,
+            observed=readings,
+        )
+        incident.pending_reboot = True
+        self.outcome(ip, machine_id, decision, "failed: pending_reboot", "rebooted")
+        return False
+
+    @staticmethod
+    def _observation(snapshot: PollSnapshot, polled: Observation) -> Observation:
+        return snapshot.to_observation().model_copy(
+            update={"mac": polled.mac, "serial": polled.serial}
+        )
+
+    def finish(self) -> None:
+        """Merge per-machine events, read-backs and outcomes into the result, in IP order."""
+        if self.dry_run:
+            self._mark_canary()
+        result = self.result
+        for ip in sorted(self.events, key=IPv4Address):
+            result.report.events.extend(self.events[ip])
+        for ip in sorted(self.readbacks, key=IPv4Address):
+            result.report.observations.append(self.readbacks[ip])
+        result.outcomes = [self.outcomes[ip] for ip in sorted(self.outcomes, key=IPv4Address)]
+        halted = [e for e in result.report.events if e.kind == EnforcementEvent.ROLLOUT_HALTED]
+        if halted:
+            log.critical("%s", halted[0].detail)

@@ -1,0 +1,521 @@
+"""Enforcement against a real simulated farm: the simulator's true state is the judge.
+
+A FleetAgent with a PolicyGuard (bundles signed with a test key) polls a small mixed farm;
+each poll cycle ends with an enforcement pass. Every test checks what the miners truly run
+(``shard.miner(ip)``) and what the simulator's request logs recorded, not what the agent says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from typer.testing import CliRunner, Result
+
+from agent.config import AgentConfig, AgentSecrets
+from agent.daemon import Daemon, FleetAgent
+from agent.enforce.executor import EnforcerSettings
+from agent.outbox import Outbox
+from agent.policy import PolicyGuard
+from asicfleet.cli import app
+from contract.policy import (
+    ApprovedPoolSet,
+    EnforcementMode,
+    MachinePolicy,
+    PolicyBundle,
+    PolicyContent,
+    RolloutPolicy,
+)
+from contract.reports import BatchAck, Event, ReportBatch
+from controller.signing import SigningKey
+from simulator.farm import DEFAULT_POOLS
+from simulator.faults import FOREIGN_POOL
+from simulator.shard import Shard
+from simulator.state import Fault, Mode
+from tests.conftest import FarmFactory
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+MIX = "antminer=2,whatsminer=1,avalon=1,vnish=1"
+SITE = "kz-test"
+FAST = EnforcerSettings(verify_delays_s=(0.05, 0.1), retry_after_cycles=3)
+
+
+@dataclass
+class Site:
+    shard: Shard
+    agent: FleetAgent
+    outbox: Outbox
+    key: SigningKey
+    machines: dict[str, MachinePolicy] = field(default_factory=dict)
+    version: int = 0
+
+    def bundle(self, **changes: Any) -> PolicyBundle:
+        self.version += 1
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {
+            "site": SITE,
+            "mode": EnforcementMode.ENFORCE,
+            "pool_set": ApprovedPoolSet(
+                name="DMP Alpha", urls=list(DEFAULT_POOLS), account="kzfarm01"
+            ),
+            "machines": list(self.machines.values()),
+            "rollout": RolloutPolicy(canary_size=3, max_failure_rate=0.2),
+        }
+        values.update(changes)
+        bundle = PolicyBundle(
+            version=self.version,
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            content=PolicyContent(**values),
+        )
+        return self.key.sign_bundle(bundle)
+
+    async def enforce(self, **changes: Any) -> None:
+        assert await self.agent.offer_policy(self.bundle(**changes))
+
+    def events(self, kind: str | None = None, ip: str | None = None) -> list[Event]:
+        found = [e for b in self.outbox.peek(100_000) for e in b.events]
+        return [
+            e for e in found if (kind is None or e.kind == kind) and (ip is None or str(e.ip) == ip)
+        ]
+
+    def true_pools(self, ip: str) -> list[tuple[str, str]]:
+        return [(p.url, p.user) for p in self.shard.miner(ip).runtime_pools() if p.url]
+
+    def approved(self, ip: str) -> list[tuple[str, str]]:
+        return [(url, self.machines[ip].worker) for url in DEFAULT_POOLS]
+
+    async def writes(self, ip: str) -> list[dict[str, Any]]:
+        return [r for r in await self.shard.request_log(ip) if r["write"]]
+
+    def ips(self, personality: str | None = None) -> list[str]:
+        return sorted(
+            (ip for ip, m in self.shard.miners.items() if personality in (None, m.personality)),
+            key=ipaddress.IPv4Address,
+        )
+
+    async def tamper(self, *ips: str) -> None:
+        for ip in ips:
+            await self.shard.tamper_pools(ip, [FOREIGN_POOL], "test")
+            await self.shard.clear_log(ip)
+
+
+SiteFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def site(farm: FarmFactory, tmp_path: Path) -> AsyncIterator[SiteFactory]:
+    outboxes: list[Outbox] = []
+
+    async def start(
+        miners: int = 20, mix: str = MIX, settings: EnforcerSettings = FAST, **farm_args: Any
+    ) -> Site:
+        farm_args.setdefault("restart_seconds", 0.0)
+        farm_args.setdefault("reboot_seconds", 1.0)
+        shard = await farm(miners=miners, mix=mix, **farm_args)
+        first = min(shard.miners, key=ipaddress.IPv4Address)
+        net = str(ipaddress.ip_network(f"{first}/24", strict=False))
+        config = AgentConfig.model_validate(
+            {
+                "site": SITE,
+                "segments": [net],
+                "data_dir": str(tmp_path),
+                "controller": {"url": "http://127.0.0.1:9"},
+                "polling": {"poll_interval_s": 20.0, "miner_timeout_s": 2.0},
+            }
+        )
+        key = SigningKey(private=Ed25519PrivateKey.generate(), path=tmp_path / "unused.pem")
+        guard = PolicyGuard(key.public_key_b64(), tmp_path / "policy.json", site=SITE)
+        outbox = Outbox(config.outbox_path)
+        outboxes.append(outbox)
+        agent = FleetAgent(config, outbox, policy=guard, enforcer_settings=settings)
+        scan = await agent.discover()
+        assert scan.identified == miners
+        machines = {}
+        for n, ip in enumerate(sorted(shard.miners, key=ipaddress.IPv4Address)):
+            miner = shard.miner(ip)
+            machines[ip] = MachinePolicy(
+                machine_id=f"M{n:04d}",
+                serial=miner.reported_serial() or None,
+                mac=miner.mac,
+                worker=miner.pools[0].user,
+            )
+        return Site(shard, agent, outbox, key, machines)
+
+    yield start
+    for outbox in outboxes:
+        outbox.close()
+
+
+async def test_enforce_corrects_foreign_pools_and_verifies_by_reading_back(
+    site: SiteFactory,
+) -> None:
+    s: Site = await site()
+    tampered = sorted(
+        (ip for kind in ("antminer", "whatsminer", "avalon", "vnish") for ip in s.ips(kind)[:2]),
+        key=ipaddress.IPv4Address,
+    )
+    await s.tamper(*tampered)
+    await s.enforce()
+    cycle = await s.agent.poll_cycle()
+    for ip in s.ips():
+        assert s.true_pools(ip) == s.approved(ip), ip  # the simulator's true state
+    assert cycle.enforcement is not None
+    assert cycle.enforcement["written"] == cycle.enforcement["verified"] == len(tampered)
+    assert cycle.enforcement["compliant"] == len(s.ips()) - len(tampered)
+    for ip in tampered:
+        kinds = [e.kind for e in s.events(ip=ip)]
+        assert kinds == ["pool_drift", "pool_write", "pool_verified"], (ip, kinds)
+        verified = s.events("pool_verified", ip)[0].data
+        assert verified["machine_id"] == s.machines[ip].machine_id
+        assert verified["policy_version"] == 1
+        assert verified["detected_at"] <= verified["written_at"] <= verified["verified_at"]
+        writes = await s.writes(ip)  # one pool write (Avalon's setpool: one request a slot)
+        assert writes and {w["op"] for w in writes} == {"pools"}, writes
+    for ip in set(s.ips()) - set(tampered):
+        assert await s.writes(ip) == [], ip  # nobody compliant was touched
+    # the read-back is reported as an observation of its own, on the approved pools
+    readbacks = [
+        o
+        for b in s.outbox.peek(100_000)
+        for o in b.observations
+        if str(o.ip) == tampered[0] and o.pools and o.pools[0].url == DEFAULT_POOLS[0]
+    ]
+    assert readbacks
+    second = await s.agent.poll_cycle()
+    assert second.enforcement is not None and second.enforcement["written"] == 0
+    assert second.enforcement["compliant"] == len(s.ips())
+    assert len(s.events("pool_drift")) == len(tampered)  # one incident each, not per cycle
+
+
+async def test_observe_mode_writes_nothing(site: SiteFactory) -> None:
+    s: Site = await site()
+    tampered = s.ips()[::3]
+    await s.tamper(*tampered)
+    for ip in s.ips():
+        await s.shard.clear_log(ip)
+    await s.enforce(mode=EnforcementMode.OBSERVE)
+    for _ in range(2):
+        cycle = await s.agent.poll_cycle()
+        assert cycle.enforcement is not None and cycle.enforcement["drift"] == len(tampered)
+    for ip in s.ips():
+        assert await s.writes(ip) == [], ip
+    for ip in tampered:
+        assert s.true_pools(ip) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
+        assert [e.kind for e in s.events(ip=ip)] == ["pool_drift"]  # once, not every cycle
+
+
+async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> None:
+    s: Site = await site()
+    antminers = s.ips("antminer")
+    ignored, after_reboot = antminers[0], antminers[1]
+    wrong_login = s.ips("whatsminer")[0]
+    hidden = s.ips("avalon")[0]
+    await s.shard.inject_fault(ignored, Fault.WRITE_IGNORED, {})
+    await s.shard.inject_fault(after_reboot, Fault.WRITE_AFTER_REBOOT, {})
+    await s.shard.inject_fault(wrong_login, Fault.PASSWORD_CHANGED, {"password": "hunter2"})
+    await s.shard.inject_fault(hidden, Fault.HIDDEN_POOL, {})
+    await s.tamper(ignored, after_reboot, wrong_login)
+    await s.enforce(rollout=RolloutPolicy(canary_size=10, max_failure_rate=1.0))
+    await s.agent.poll_cycle()
+
+    def causes(ip: str) -> list[str]:
+        return [e.data["cause"] for e in s.events("pool_write_failed", ip)]
+
+    assert causes(ignored) == ["pending_reboot"]
+    assert causes(after_reboot) == ["pending_reboot"]
+    assert causes(wrong_login) == ["auth_failed"]
+    assert causes(hidden) == ["hidden_pool"]
+    assert not s.events("pool_verified")  # none of them is reported as a success
+    assert [r["op"] for r in await s.writes(after_reboot)] == ["pools", "reboot"]
+
+    for _ in range(8):  # the rebooted miners come back (polls back off while they are down)
+        await asyncio.sleep(1.0)
+        await s.agent.poll_cycle()
+        if causes(ignored)[-1:] == ["write_ignored"] and s.events("pool_verified", after_reboot):
+            break
+    assert causes(ignored) == ["pending_reboot", "write_ignored"]
+    assert s.true_pools(ignored) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
+    verified = s.events("pool_verified", after_reboot)
+    assert len(verified) == 1 and verified[0].data["after_reboot"] is True
+    assert s.true_pools(after_reboot) == s.approved(after_reboot)
+    assert causes(after_reboot) == ["pending_reboot"]
+    assert causes(wrong_login) == ["auth_failed"]  # backing off: not rewritten every cycle
+    assert len(await s.writes(wrong_login)) == 0  # the miner refused it: nothing changed
+
+
+async def test_canary_failure_halts_the_rollout(site: SiteFactory) -> None:
+    s: Site = await site()
+    tampered = s.ips("antminer")[:6]
+    for ip in tampered[:3]:  # the canary: the three lowest addresses
+        await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
+    await s.tamper(*tampered)
+    await s.enforce()
+    cycle = await s.agent.poll_cycle()
+    assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
+    halted = s.events("rollout_halted")
+    assert len(halted) == 1 and halted[0].severity == "critical"
+    for ip in tampered[3:]:  # never attempted, and said so
+        assert await s.writes(ip) == []
+        assert [e.data["cause"] for e in s.events("pool_write_failed", ip)] == ["rollout_halted"]
+    await s.agent.poll_cycle()
+    for ip in tampered[3:]:
+        assert await s.writes(ip) == []  # still halted under this version
+    await s.enforce()  # a new version: a new canary (the healthy ones now lead)
+    for ip in tampered[:3]:
+        await s.shard.clear_fault(ip, Fault.WRITE_IGNORED)
+    await s.agent.poll_cycle()
+    for ip in tampered[3:]:
+        assert s.true_pools(ip) == s.approved(ip)
+
+
+async def test_quarantine_sleeps_an_unregistered_miner_and_wakes_it_when_claimed(
+    site: SiteFactory,
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("whatsminer")[0]
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
+    await s.enforce(quarantine_unregistered=True)
+    await s.agent.poll_cycle()
+    assert s.shard.miner(ip).mode is Mode.SLEEP
+    assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
+    await s.agent.poll_cycle()  # asleep: nothing more to do
+    assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
+    await s.enforce(quarantine_unregistered=True)
+    await s.agent.poll_cycle()
+    assert s.shard.miner(ip).mode is not Mode.SLEEP
+    assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
+    for other in set(s.ips()) - {ip}:
+        assert await s.writes(other) == []
+
+
+async def test_malware_is_corrected_every_time(site: SiteFactory) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("antminer")[0]
+    await s.shard.inject_fault(ip, Fault.MALWARE, {"delay": 1.0})
+    await s.tamper(ip)
+    await s.enforce()
+    await s.agent.poll_cycle()
+    assert s.true_pools(ip) == s.approved(ip)
+    await asyncio.sleep(1.2)  # the malware puts its pool back
+    assert s.true_pools(ip) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
+    await s.agent.poll_cycle()
+    assert s.true_pools(ip) == s.approved(ip)
+    kinds = [e.kind for e in s.events(ip=ip)]
+    assert kinds == ["pool_drift", "pool_write", "pool_verified"] * 2  # two incidents
+
+
+# --- the daemon: policy pulled before each cycle, refusals reach the controller ----------------
+
+
+class StandInController:
+    """The two agent routes of a controller, answering from memory (served in-process)."""
+
+    def __init__(self) -> None:
+        self.bundle: PolicyBundle | None = None
+        self.batches: list[ReportBatch] = []
+        self.app = Starlette(
+            routes=[
+                Route("/api/v1/agent/policy", self.policy, methods=["GET"]),
+                Route("/api/v1/agent/reports", self.reports, methods=["POST"]),
+            ]
+        )
+
+    async def policy(self, request: Request) -> Response:
+        if self.bundle is None:
+            return Response(b'{"detail": "no policy"}', status_code=404)
+        return Response(self.bundle.model_dump_json(), media_type="application/json")
+
+    async def reports(self, request: Request) -> Response:
+        batch = ReportBatch.model_validate_json(await request.body())
+        self.batches.append(batch)
+        ack = BatchAck(
+            batch_id=batch.batch_id, duplicate=False, observations=0, identities=0, events=0
+        )
+        return Response(ack.model_dump_json(), media_type="application/json")
+
+    def events(self, kind: str) -> list[Event]:
+        return [e for b in self.batches for e in b.events if e.kind == kind]
+
+
+async def wait_until(what: str, check: Callable[[], Any], within_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def test_daemon_enforces_the_pulled_policy_and_reports_a_refused_one(
+    farm: FarmFactory, tmp_path: Path
+) -> None:
+    shard = await farm(miners=6, mix=MIX, restart_seconds=0.0)
+    ips = sorted(shard.miners, key=ipaddress.IPv4Address)
+    key = SigningKey(private=Ed25519PrivateKey.generate(), path=tmp_path / "unused.pem")
+    config = AgentConfig.model_validate(
+        {
+            "agent_id": "agt-1",
+            "site": SITE,
+            "segments": [str(ipaddress.ip_network(f"{ips[0]}/24", strict=False))],
+            "data_dir": str(tmp_path),
+            "controller": {"url": "http://127.0.0.1:9", "public_key": key.public_key_b64()},
+            "polling": {"poll_interval_s": 2.0, "miner_timeout_s": 1.0},
+            "uplink": {"timeout_s": 2.0, "backoff_initial_s": 0.2, "backoff_max_s": 1.0},
+        }
+    )
+    machines = [
+        MachinePolicy(
+            machine_id=f"M{n}",
+            serial=shard.miner(ip).reported_serial() or None,
+            mac=shard.miner(ip).mac,
+            worker=shard.miner(ip).pools[0].user,
+        )
+        for n, ip in enumerate(ips)
+    ]
+    now = datetime.now(UTC)
+    valid = key.sign_bundle(
+        PolicyBundle(
+            version=7,
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            content=PolicyContent(
+                site=SITE,
+                mode=EnforcementMode.ENFORCE,
+                pool_set=ApprovedPoolSet(name="DMP", urls=list(DEFAULT_POOLS), account="kzfarm01"),
+                machines=machines,
+            ),
+        )
+    )
+    controller = StandInController()
+    controller.bundle = valid
+    await shard.tamper_pools(ips[0], [FOREIGN_POOL], "test")
+    daemon = Daemon(
+        config,
+        AgentSecrets(agent_secret=SecretStr("afa_" + "x" * 40)),
+        transport=httpx.ASGITransport(app=controller.app),
+        status_interval_s=0.5,
+        enforcer_settings=FAST,
+    )
+    task = asyncio.create_task(daemon.run(install_signals=False))
+    try:
+        await wait_until("the pool_verified event", lambda: controller.events("pool_verified"))
+        assert [(p.url, p.user) for p in shard.miner(ips[0]).pools if p.url] == [
+            (url, machines[0].worker) for url in DEFAULT_POOLS
+        ]
+        # a network attacker swaps the approved pool in transit, and bumps the version
+        evil = valid.content.model_copy(
+            update={
+                "pool_set": ApprovedPoolSet(
+                    name="DMP", urls=[FOREIGN_POOL["url"]], account="kzfarm01"
+                )
+            }
+        )
+        controller.bundle = valid.model_copy(update={"version": 8, "content": evil})
+        await wait_until("the policy_refused alert", lambda: controller.events("policy_refused"))
+        cycles = daemon.agent.cycles if daemon.agent else 0
+        await wait_until(
+            "two more cycles", lambda: daemon.agent and daemon.agent.cycles >= cycles + 2
+        )
+        [alert] = controller.events("policy_refused")  # once, not every cycle
+        assert alert.data["reason"] == "bad_signature" and alert.data["kept_version"] == 7
+        status = json.loads((tmp_path / "status.json").read_text())
+        assert status["policy"]["version"] == 7 and status["policy"]["mode"] == "enforce"
+        assert status["enforcement"]["compliant"] == len(ips)
+        for ip in ips:  # the last valid policy stays in force: nobody moved to the foreign pool
+            assert FOREIGN_POOL["url"] not in {p.url for p in shard.miner(ip).pools}
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(app, ["agent", *args])
+
+
+async def test_cli_policy_show_and_enforce_dry_run_then_for_real(
+    farm: FarmFactory, tmp_path: Path
+) -> None:
+    shard = await farm(miners=6, mix=MIX, restart_seconds=0.0)
+    ips = sorted(shard.miners, key=ipaddress.IPv4Address)
+    key = SigningKey(private=Ed25519PrivateKey.generate(), path=tmp_path / "unused.pem")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'site = "{SITE}"\nsegments = ["{ipaddress.ip_network(f"{ips[0]}/24", strict=False)}"]\n'
+        'data_dir = "data"\n[controller]\nurl = "http://127.0.0.1:9"\n'
+        f'public_key = "{key.public_key_b64()}"\n[polling]\npoll_interval_s = 10\n'
+        "miner_timeout_s = 2\n"
+    )
+    missing = await asyncio.to_thread(cli, "enforce", "--config", str(config), "--dry-run")
+    assert missing.exit_code == 1 and "no valid policy stored yet" in missing.output
+    machines = [
+        MachinePolicy(
+            machine_id=f"M{n}",
+            serial=shard.miner(ip).reported_serial() or None,
+            mac=shard.miner(ip).mac,
+            worker=shard.miner(ip).pools[0].user,
+        )
+        for n, ip in enumerate(ips)
+    ]
+    now = datetime.now(UTC)
+    bundle = key.sign_bundle(
+        PolicyBundle(
+            version=3,
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            content=PolicyContent(
+                site=SITE,
+                mode=EnforcementMode.ENFORCE,
+                pool_set=ApprovedPoolSet(name="DMP", urls=list(DEFAULT_POOLS), account="kzfarm01"),
+                machines=machines,
+                rollout=RolloutPolicy(canary_size=1),
+            ),
+        )
+    )
+    PolicyGuard(key.public_key_b64(), tmp_path / "data" / "policy.json").accept(bundle)
+    shown = await asyncio.to_thread(cli, "policy", "show", "--config", str(config))
+    assert shown.exit_code == 0, shown.output
+    assert "version 3" in shown.output and "enforce" in shown.output
+    assert DEFAULT_POOLS[0] in shown.output and "6 (6 registered" in shown.output
+
+    tampered = ips[1:3]
+    for ip in tampered:
+        await shard.tamper_pools(ip, [FOREIGN_POOL], "test")
+    for ip in ips:
+        await shard.clear_log(ip)
+    dry = await asyncio.to_thread(cli, "enforce", "--config", str(config), "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.stdout)
+    by_ip = {m["ip"]: m for m in plan["machines"]}
+    assert {ip for ip, m in by_ip.items() if m["action"] == "would write"} == set(tampered)
+    assert [ip for ip, m in by_ip.items() if m["canary"]] == tampered[:1]
+    assert plan["totals"]["drift"] == 2 and plan["totals"]["compliant"] == 4
+    for ip in ips:
+        assert [r for r in await shard.request_log(ip) if r["write"]] == [], ip
+
+    done = await asyncio.to_thread(cli, "enforce", "--config", str(config))
+    assert done.exit_code == 0, done.output
+    assert "2 verified" in done.output
+    for n, ip in enumerate(ips):
+        truth = [(p.url, p.user) for p in shard.miner(ip).pools if p.url]
+        assert truth == [(url, machines[n].worker) for url in DEFAULT_POOLS], ip
+    with Outbox(tmp_path / "data" / "outbox.sqlite3") as outbox:
+        kinds = [e.kind for b in outbox.peek(100) for e in b.events]
+    assert kinds.count("pool_verified") == 2 and kinds.count("pool_drift") == 2
