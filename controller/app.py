@@ -13,7 +13,19 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from controller.api import agents, audit, auth, ingest, machines, metrics, sites, users
+from controller.api import (
+    agents,
+    audit,
+    auth,
+    compliance,
+    exports,
+    ingest,
+    machines,
+    metrics,
+    pools,
+    sites,
+    users,
+)
 from controller.db import engine_for
 from controller.errors import Conflict, ControllerError, NotFound, Refused
 from controller.settings import Settings
@@ -97,7 +109,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    for module in (auth, users, sites, agents, ingest, machines, audit):
+    for module in (auth, users, sites, agents, ingest, machines, audit, pools, compliance, exports):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(metrics.router)
     return app

@@ -33,6 +33,7 @@ from sqlalchemy import (
     bindparam,
     case,
     false,
+    func,
     insert,
     or_,
     select,
@@ -45,9 +46,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from contract import BatchAck, Event, IdentityRecord, Observation, PoolReading, ReportBatch
-from controller import audit
+from controller import audit, history_rollup, machine_versions
 from controller.actors import Actor
 from controller.errors import Conflict
+from controller.evidence import track_compliance
 from controller.models import (
     Agent,
     IngestedBatch,
@@ -234,10 +236,12 @@ def _ingest(
         _log_refused(session, conn, agent, batch_id, outside, now)
     if identities:
         _apply_identities(session, conn, agent, identities, settings, now)
+    resolved: list[tuple[int, Observation]] = []
     applied_observations = _apply_observations(
-        session, conn, agent, observations, settings, now, refused
+        session, conn, agent, observations, settings, now, refused, resolved
     )
     _apply_agent_events(conn, agent, events, now)
+    track_compliance(conn, agent, resolved, events, settings, now)
     conn.execute(
         update(AGENT)
         .where(AGENT.c.id == agent_id)
@@ -426,6 +430,9 @@ def apply_decisions(
             _update_machine(session, conn, actor, decision, now, events, agent_id, seen_only)
         elif isinstance(decision, Alert):
             events.append(_event_row(decision.finding, None, agent_id, now))
+    changed = [d.machine_pk for d in decisions if isinstance(d, UpdateMachine) and d.after]
+    if changed:  # the register's history: one version per record_version bump
+        machine_versions.snapshot(conn, changed)
     if seen_only:
         _touch_last_seen(conn, seen_only)
     if events:
@@ -455,6 +462,7 @@ def _insert_machines(
         rows,
     )
     pks = {row.machine_id: row.id for row in result}
+    machine_versions.snapshot(conn, pks.values())
     conn.execute(
         insert(STATE_CHANGE),
         [
@@ -663,8 +671,12 @@ def _apply_observations(
     settings: Settings,
     now: datetime,
     refused: list[str],
+    resolved: list[tuple[int, Observation]] | None = None,
 ) -> int:
     """Latest (upsert), history (first per bucket), ``last_seen``; returns how many applied.
+
+    Each applied observation is appended to ``resolved`` with its machine's pk (for the
+    compliance evidence).
 
     Writes the database already has are skipped: the latest row when it is newer, the
     history row when the latest poll already falls in the same bucket (that poll's history
@@ -702,6 +714,8 @@ def _apply_observations(
             continue
         applied += 1
         pk = found.pk
+        if resolved is not None:
+            resolved.append((pk, obs))
         at = obs.observed_at
         latest_at = found.latest_at
         if latest_at is None or at > latest_at:
@@ -735,9 +749,10 @@ def _apply_observations(
             conn, [_latest_row(pk, obs, ip, pools, time) for pk, (obs, ip, _) in latest.items()]
         )
     if history:
-        _insert_history(
+        kept = _insert_history(
             conn, [_history_row(pk, b, obs, pools, time) for (pk, b), obs in history.items()]
         )
+        history_rollup.add(conn, (_reading(pk, history[(pk, b)]) for pk, b in kept))
     if seen:
         # Mostly the poll just written as latest: copy its time in one statement.
         copied: list[int] = []
@@ -917,9 +932,45 @@ def _upsert_latest(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     _executemany(conn, LATEST, rows)
 
 
-def _insert_history(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """The first observation of each bucket stays; later ones in the same bucket are dropped."""
+def _insert_history(conn: Connection, rows: list[tuple[Any, ...]]) -> list[tuple[int, int]]:
+    """The first observation of each bucket stays; later ones in the same bucket are dropped.
+
+    Returns the ``(machine_pk, bucket)`` of the rows actually written, for the day sums
+    (``controller.history_rollup``), which must not count a dropped duplicate.
+    """
+    if conn.dialect.name == "postgresql":
+        return _insert_history_returning(conn, rows)
+    before = conn.execute(select(func.max(HISTORY.c.id))).scalar()
     _executemany(conn, HISTORY, rows)
+    # The batch's claim made this transaction SQLite's only writer, and new rowids go past
+    # the old maximum: the rows above it are exactly the ones just written.
+    written = select(HISTORY.c.machine_pk, HISTORY.c.bucket).where(HISTORY.c.id > (before or 0))
+    return [(pk, bucket) for pk, bucket in conn.execute(written)]
+
+
+def _insert_history_returning(
+    conn: Connection, rows: list[tuple[Any, ...]]
+) -> list[tuple[int, int]]:
+    """PostgreSQL: the insert itself names the rows it wrote (concurrent writers included)."""
+    bulk = _bulk(conn, HISTORY)
+    params = [dict(zip(bulk.names, row, strict=True)) for row in rows]
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    written: list[tuple[int, int]] = []
+    try:
+        cursor.executemany(f"{bulk.sql} RETURNING machine_pk, bucket", params, returning=True)
+        while True:
+            written.extend((int(pk), int(bucket)) for pk, bucket in cursor.fetchall())
+            if not cursor.nextset():
+                break
+    finally:
+        cursor.close()
+    return written
+
+
+def _reading(pk: int, obs: Observation) -> history_rollup.Reading:
+    return history_rollup.Reading(
+        pk, obs.observed_at, obs.reachable, obs.is_mining, obs.hashrate_ths, obs.power_w
+    )
 
 
 # --- agent events ------------------------------------------------------------------------------
@@ -950,7 +1001,7 @@ def _apply_agent_events(
                 "agent_id": agent.agent_id,
                 "ip": str(e.ip) if e.ip else None,
                 "detail": e.detail,
-                "data": {"origin": "agent"},
+                "data": {**e.data, "origin": "agent"},
                 "resolved_at": None,
             }
             for e in events

@@ -182,6 +182,45 @@ class MachineStateChange(SQLModel, table=True):
     reason: str = Field(default="", max_length=1024)
 
 
+class MachineVersion(SQLModel, table=True):
+    """Append-only history of the register: a copy of a machine's register fields each time
+    its row is created or its ``record_version`` bumped, so the register can be reconstructed
+    as it stood at any moment (``controller.machine_versions``; read by the exports)."""
+
+    __tablename__ = "machine_version"
+    __table_args__ = (Index("ix_machine_version_machine_valid", "machine_pk", "valid_from"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    machine_pk: int = Field(foreign_key="machine.id")
+    record_version: int
+    valid_from: datetime = _ts(nullable=False)
+    machine_id: str = Field(max_length=16)
+    label_serial: str | None = Field(default=None, max_length=128)
+    reported_serial: str | None = Field(default=None, max_length=128)
+    control_board_serial: str | None = Field(default=None, max_length=128)
+    mac: str | None = Field(default=None, max_length=32)
+    vendor: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=128)
+    firmware: str | None = Field(default=None, max_length=64)
+    firmware_version: str | None = Field(default=None, max_length=128)
+    hashboard_serials: list[str] = _json(list)
+    psu_serial: str | None = Field(default=None, max_length=128)
+    site_id: int | None = Field(default=None)
+    container: str | None = Field(default=None, max_length=64)
+    rack: str | None = Field(default=None, max_length=64)
+    shelf: str | None = Field(default=None, max_length=64)
+    slot: str | None = Field(default=None, max_length=64)
+    lifecycle_state: str = Field(max_length=32, description="the state's name, e.g. ACTIVE")
+    state_since: datetime = _ts(nullable=False)
+    nominal_ths: float | None = None
+    nominal_w: float | None = None
+    current_ip: str | None = Field(default=None, max_length=64)
+    serial_unconfirmed: bool = False
+    flags: list[str] = _json(list)
+    commissioned_at: datetime | None = _ts(nullable=True)
+    decommissioned_at: datetime | None = _ts(nullable=True)
+
+
 class LatestObservation(SQLModel, table=True):
     """The newest poll of each machine (one row per machine, upserted)."""
 
@@ -203,10 +242,14 @@ class ObservationHistory(SQLModel, table=True):
     """Observations kept at the configured resolution (one per machine per bucket)."""
 
     __tablename__ = "observation_history"
-    __table_args__ = (UniqueConstraint("machine_pk", "bucket", name="uq_history_bucket"),)
+    __table_args__ = (
+        UniqueConstraint("machine_pk", "bucket", name="uq_history_bucket"),
+        # one machine's polls in time order: the register's "last pool check as of" seeks here
+        Index("ix_observation_history_machine_observed", "machine_pk", "observed_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
-    machine_pk: int = Field(foreign_key="machine.id", index=True)
+    machine_pk: int = Field(foreign_key="machine.id")
     bucket: int = Field(description="observed_at // resolution, for de-duplication")
     observed_at: datetime = _ts(nullable=False)
     reachable: bool
@@ -216,6 +259,23 @@ class ObservationHistory(SQLModel, table=True):
     power_w: float | None = None
     temperature_c: float | None = None
     pools: list[dict[str, Any]] = _json(list)
+
+
+class ObservationDay(SQLModel, table=True):
+    """Per machine and UTC day, sums over its ``observation_history`` rows, kept at ingest
+    (``controller.history_rollup``): period averages read one row per machine-day instead
+    of every kept poll (288 a day at the default resolution)."""
+
+    __tablename__ = "observation_day"
+
+    machine_pk: int = Field(foreign_key="machine.id", primary_key=True)
+    day: int = Field(primary_key=True, description="UTC day number (days since 1970-01-01)")
+    polls: int = Field(default=0, description="history rows")
+    mining: int = Field(default=0, description="rows reachable and mining")
+    hashrate_sum: float = Field(default=0.0, description="over reachable rows with a hashrate")
+    hashrate_n: int = 0
+    power_sum: float = Field(default=0.0, description="over reachable rows with a power")
+    power_n: int = 0
 
 
 class RegisterEvent(SQLModel, table=True):
@@ -386,7 +446,10 @@ class ComplianceInterval(SQLModel, table=True):
     """
 
     __tablename__ = "compliance_interval"
-    __table_args__ = (Index("ix_compliance_machine_start", "machine_pk", "started_at"),)
+    __table_args__ = (
+        Index("ix_compliance_machine_start", "machine_pk", "started_at"),
+        Index("ix_compliance_machine_open", "machine_pk", "ended_at"),  # the open one, on ingest
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     machine_pk: int = Field(foreign_key="machine.id")
@@ -401,7 +464,10 @@ class DriftIncident(SQLModel, table=True):
     """One drift of one machine: detected → action → verified (or failed, with the cause)."""
 
     __tablename__ = "drift_incident"
-    __table_args__ = (Index("ix_drift_machine_detected", "machine_pk", "detected_at"),)
+    __table_args__ = (
+        Index("ix_drift_machine_detected", "machine_pk", "detected_at"),
+        Index("ix_drift_machine_open", "machine_pk", "closed_at"),  # the open one, on ingest
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     machine_pk: int = Field(foreign_key="machine.id")

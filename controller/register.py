@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
 
+from controller import machine_versions
 from controller.actors import Actor, record
 from controller.errors import Conflict, NotFound
 from controller.models import (
@@ -420,6 +421,12 @@ def _take(session: Session, machine: Machine) -> None:
     machine.record_version = seen + 1
 
 
+def _flush_versions(session: Session, machines: Iterable[Machine]) -> None:
+    """Write the changes, then append each changed machine's new version to its history."""
+    session.flush()
+    machine_versions.snapshot(session.connection(), [m.id for m in machines if m.id is not None])
+
+
 def _set_state(
     session: Session,
     actor: Actor,
@@ -609,7 +616,7 @@ def claim(session: Session, actor: Actor, ref: str, req: ClaimRequest) -> Machin
     _apply_claim(
         session, actor, machine, reg.sites[req.site], req, mismatch=verdict.mismatch, via="claim"
     )
-    session.flush()
+    _flush_versions(session, [machine])
     return _detail(session, machine)
 
 
@@ -639,7 +646,7 @@ def change_state(
         after=_snapshot(machine, site_name),
         reason=req.reason,
     )
-    session.flush()
+    _flush_versions(session, [machine])
     return _detail(session, machine)
 
 
@@ -687,7 +694,7 @@ def confirm_serial(
         after=after,
         reason=(req.override_reason or "") if overridden else "",
     )
-    session.flush()
+    _flush_versions(session, [machine])
     return _detail(session, machine)
 
 
@@ -928,5 +935,5 @@ def import_claims(
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
         },
     )
-    session.flush()
+    _flush_versions(session, [m for _, m, _ in accepted])
     return ImportResult(ok=True, imported=len(accepted), rows=results)

@@ -28,6 +28,15 @@ class Settings(BaseSettings):
     missing_sweep_interval_s: float = Field(default=60.0, gt=0, description="how often to sweep")
     enrollment_ttl_s: int = Field(default=3600, ge=60)
     max_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    compliance_repeat_incidents: int = Field(
+        default=3, ge=2, description="drift incidents within the window that flag a repeat offender"
+    )
+    compliance_repeat_window_h: float = Field(
+        default=24.0, gt=0, description="the repeat-offender window, in hours"
+    )
+    policy_ttl_s: int = Field(
+        default=7 * 86400, ge=300, description="how long an issued policy bundle stays valid"
+    )
 
     @field_validator("bind")
     @classmethod

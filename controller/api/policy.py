@@ -33,6 +33,10 @@ ADMIN: Final = roles()
 OPERATORS: Final = roles(Role.OPERATOR)
 FLOOR: Final = roles(Role.TECHNICIAN, Role.OPERATOR)
 AUDITORS: Final = roles(Role.COMPLIANCE, Role.INSPECTOR)
+PROPOSERS: Final = roles(Role.OPERATOR, Role.COMPLIANCE)
+# Admin passes the role check, but controller.pool_policy refuses (403) anyone but a second,
+# compliance-role user when the real decision is made.
+DECIDERS: Final = roles(Role.COMPLIANCE)
 
 API = "/api/v1"
 
@@ -73,9 +77,31 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], Access]] = {
     ("POST", f"{API}/machines/import-claims"): FLOOR,
     ("POST", f"{API}/machines/{{machine_id}}/state"): FLOOR,
     ("POST", f"{API}/machines/{{machine_id}}/confirm-serial"): FLOOR,
+    # pool policy: pool sets (four eyes in the domain code), site policy, exemptions, bundles
+    ("GET", f"{API}/agent/policy"): AGENT_ONLY,
+    ("GET", f"{API}/sites/{{name}}/pool-sets"): ANY_USER,
+    ("POST", f"{API}/sites/{{name}}/pool-sets"): PROPOSERS,
+    ("POST", f"{API}/sites/{{name}}/pool-sets/{{version}}/approve"): DECIDERS,
+    ("POST", f"{API}/sites/{{name}}/pool-sets/{{version}}/reject"): PROPOSERS,
+    ("GET", f"{API}/sites/{{name}}/policy"): ANY_USER,
+    ("PATCH", f"{API}/sites/{{name}}/policy"): OPERATORS,
+    ("GET", f"{API}/sites/{{name}}/policy/preview"): ANY_USER,
+    ("POST", f"{API}/machines/{{machine_id}}/exemptions"): PROPOSERS,
+    ("POST", f"{API}/machines/{{machine_id}}/exemptions/{{exemption_id}}/approve"): DECIDERS,
+    ("POST", f"{API}/machines/{{machine_id}}/exemptions/{{exemption_id}}/revoke"): PROPOSERS,
+    ("GET", f"{API}/exemptions"): ANY_USER,
+    # compliance evidence and alerts (read-only)
+    ("GET", f"{API}/compliance/status"): ANY_USER,
+    ("GET", f"{API}/machines/{{machine_id}}/compliance"): ANY_USER,
+    ("GET", f"{API}/alerts"): ANY_USER,
     # the audit log
     ("GET", f"{API}/audit"): AUDITORS,
     ("GET", f"{API}/audit/verify"): AUDITORS,
+    # compliance exports (background jobs, signed zips)
+    ("POST", f"{API}/exports"): AUDITORS,
+    ("GET", f"{API}/exports"): AUDITORS,
+    ("GET", f"{API}/exports/{{job_id}}"): AUDITORS,
+    ("GET", f"{API}/exports/{{job_id}}/download"): AUDITORS,
     # Prometheus
     ("GET", "/metrics"): ANY_USER,
 }

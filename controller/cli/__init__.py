@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from controller.cli import audit, people, register, server
+from controller.cli import audit, compliance, export, people, policy, register, server
 from controller.cli.context import CliContext
 
 app = typer.Typer(
@@ -36,3 +36,6 @@ server.register(app)
 people.register(app)
 register.register(app)
 audit.register(app)
+export.register(app)
+compliance.register(app)
+policy.register(app)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from controller.errors import ConfigError
 from controller.settings import Settings, load_settings
+
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -51,3 +55,37 @@ def context(ctx: typer.Context) -> CliContext:
         obj = CliContext()
         ctx.obj = obj
     return obj
+
+
+def in_transaction(ctx: typer.Context, action: Callable[[Session], T]) -> T:
+    """Run ``action`` in one transaction; a refused change is a one-line error, exit 1."""
+    from sqlalchemy.exc import OperationalError
+
+    from controller.db import session_scope
+    from controller.errors import ControllerError
+
+    try:
+        with session_scope(context(ctx).engine()) as session:
+            return action(session)
+    except ControllerError as exc:
+        fail(str(exc))
+    except OperationalError as exc:
+        fail(f"database unavailable: {str(exc.orig).strip().splitlines()[0]}")
+
+
+def validated(build: Callable[[], T]) -> T:
+    """A request model, or a one-line error naming what is wrong (exit 2)."""
+    try:
+        return build()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            fail(
+                "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'value'}: "
+                    f"{str(e['msg']).removeprefix('Value error, ')}"
+                    for e in errors()
+                ),
+                code=2,
+            )
+        fail(str(exc), code=2)

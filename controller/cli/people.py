@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from controller import accounts, enrollment, sites
 from controller.actors import cli_actor
 from controller.cli.context import context, fail
-from controller.db import session_scope
-from controller.errors import ControllerError
+from controller.cli.context import in_transaction as _run
 from controller.models import Role, utcnow
 
 T = TypeVar("T")
@@ -38,17 +35,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(user_app, name="user")
     app.add_typer(site_app, name="site")
     app.add_typer(agent_app, name="agent")
-
-
-def _run(ctx: typer.Context, action: Callable[[Session], T]) -> T:
-    """Run ``action`` in one transaction; a refused change is a one-line error, exit 1."""
-    try:
-        with session_scope(context(ctx).engine()) as session:
-            return action(session)
-    except ControllerError as exc:
-        fail(str(exc))
-    except OperationalError as exc:
-        fail(f"database unavailable: {str(exc.orig).strip().splitlines()[0]}")
 
 
 def _info(message: str) -> None:

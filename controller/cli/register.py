@@ -6,7 +6,7 @@ Changes are audited as ``cli:<os user>``. Errors are one line on stderr with a n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -19,6 +19,7 @@ from sqlmodel import Session
 from controller import register as reg
 from controller.actors import cli_actor
 from controller.cli.context import context, fail
+from controller.cli.context import validated as _validated
 from controller.db import session_scope
 from controller.errors import ControllerError
 from controller.models import LifecycleState
@@ -45,20 +46,6 @@ def _session(ctx: typer.Context) -> Iterator[Session]:
             yield session
     except ControllerError as exc:
         fail(str(exc))
-
-
-def _validated(build: Callable[[], T]) -> T:
-    """A request model, or a one-line error naming the bad option."""
-    try:
-        return build()
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        errors = getattr(exc, "errors", None)
-        if callable(errors):
-            parts = [
-                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errors()
-            ]
-            fail("; ".join(parts), code=2)
-        fail(str(exc), code=2)
 
 
 def _console() -> Console:

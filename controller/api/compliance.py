@@ -1,0 +1,80 @@
+"""API routes: compliance evidence (a report over a period, one machine's timeline) and the
+open alerts. Read-only, for every user."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+
+from controller.api.deps import AnyUserDep, SessionDep, SettingsDep
+from controller.evidence import Rules
+from controller.evidence_report import (
+    AlertView,
+    ComplianceStatus,
+    MachineTimeline,
+    compliance_status,
+    machine_timeline,
+    open_alerts,
+    resolve_period,
+)
+
+router = APIRouter(tags=["compliance"])
+
+SiteQuery = Annotated[str | None, Query(max_length=128, description="site name (default: all)")]
+StartQuery = Annotated[
+    datetime | None, Query(description="ISO 8601; default 24 h before end (no zone: UTC)")
+]
+EndQuery = Annotated[datetime | None, Query(description="ISO 8601, exclusive; default now")]
+
+
+def _period(
+    start: datetime | None, end: datetime | None, now: datetime
+) -> tuple[datetime, datetime]:
+    try:
+        return resolve_period(start, end, now)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+
+
+@router.get("/compliance/status", response_model=ComplianceStatus)
+def read_status(
+    session: SessionDep,
+    settings: SettingsDep,
+    _: AnyUserDep,
+    site: SiteQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+) -> ComplianceStatus:
+    """Fleet and per-site compliance over ``[start, end)``: time-weighted shares, incidents,
+    detect-to-verified p50/p95, repeat offenders, machines non-compliant now, open alerts."""
+    now = datetime.now(UTC)
+    lo, hi = _period(start, end, now)
+    return compliance_status(session, site, lo, hi, rules=Rules.of(settings), now=now)
+
+
+@router.get("/machines/{machine_id}/compliance", response_model=MachineTimeline)
+def read_timeline(
+    session: SessionDep,
+    settings: SettingsDep,
+    _: AnyUserDep,
+    machine_id: Annotated[str, Path(max_length=64, description="machine_id, MAC or IP")],
+    start: StartQuery = None,
+    end: EndQuery = None,
+) -> MachineTimeline:
+    """One machine's compliance intervals and drift incidents in ``[start, end)``."""
+    lo, hi = _period(start, end, datetime.now(UTC))
+    return machine_timeline(session, machine_id, lo, hi, rules=Rules.of(settings))
+
+
+@router.get("/alerts", response_model=list[AlertView])
+def read_alerts(
+    session: SessionDep,
+    _: AnyUserDep,
+    site: SiteQuery = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> list[AlertView]:
+    """Unresolved alerts, newest first: refused policy bundles, halted rollouts, repeat
+    offenders and any other unresolved critical event."""
+    return open_alerts(session, site, limit=limit)

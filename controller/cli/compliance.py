@@ -1,0 +1,261 @@
+"""``asicfleet controller compliance …`` and ``asicfleet controller alerts``: the compliance
+evidence from the console (read-only). Errors are one line on stderr; bad options exit 2."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlmodel import Session
+
+from controller.cli.context import context, fail
+from controller.db import session_scope
+from controller.errors import ControllerError
+from controller.evidence import Rules
+from controller.evidence_report import (
+    AlertView,
+    ComplianceStats,
+    ComplianceStatus,
+    MachineTimeline,
+    compliance_status,
+    machine_timeline,
+    open_alerts,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+PeriodOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="FROM..TO: dates (TO inclusive, e.g. 2026-11-01..2026-11-25) or ISO datetimes "
+        "(TO exclusive). Times without a zone are UTC."
+    ),
+]
+SinceOpt = Annotated[
+    str | None, typer.Option(help="The last N s/m/h/d up to now, e.g. 24h (the default).")
+]
+
+_SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> timedelta:
+    """``90m``, ``24h``, ``7d`` … as a duration; ValueError with the expected form."""
+    match = _SINCE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"--since {text!r}: expected a positive number and s, m, h or d, e.g. 24h")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _bound(text: str, *, upper: bool) -> datetime:
+    text = text.strip()
+    try:
+        if len(text) == 10:  # a date: the whole day, so TO is inclusive
+            day = date.fromisoformat(text)
+            at = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return at + timedelta(days=1) if upper else at
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a date (YYYY-MM-DD) nor an ISO datetime") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_period(text: str) -> tuple[datetime, datetime]:
+    """``FROM..TO`` as ``[start, end)``; ValueError naming what is wrong."""
+    first, sep, last = text.partition("..")
+    if not sep or not first.strip() or not last.strip():
+        raise ValueError(f"--period {text!r}: expected FROM..TO, e.g. 2026-11-01..2026-11-25")
+    try:
+        start, end = _bound(first, upper=False), _bound(last, upper=True)
+    except ValueError as exc:
+        raise ValueError(f"--period: {exc}") from None
+    if start >= end:
+        raise ValueError(f"--period {text!r}: FROM must be before TO")
+    return start, end
+
+
+def _period(period: str | None, since: str | None, now: datetime) -> tuple[datetime, datetime]:
+    if period and since:
+        fail("give --period or --since, not both", code=2)
+    try:
+        if period:
+            return parse_period(period)
+        return now - parse_since(since or "24h"), now
+    except ValueError as exc:
+        fail(str(exc), code=2)
+
+
+@contextmanager
+def _session(ctx: typer.Context) -> Iterator[Session]:
+    engine = context(ctx).engine()
+    try:
+        with session_scope(engine) as session:
+            yield session
+    except ControllerError as exc:
+        fail(str(exc))
+
+
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 200))
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else ""
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def _status_table(report: ComplianceStatus) -> Table:
+    table = Table(
+        title=f"pool compliance {_when(report.start)} .. {_when(report.end)}", title_justify="left"
+    )
+    for name in ("site", "machines", "compliant %", "non-compl. %", "unknown %", "exempt %"):
+        table.add_column(name, justify="left" if name == "site" else "right")
+    for name in ("incidents", "verified", "failed", "open", "p50 s", "p95 s"):
+        table.add_column(name, justify="right")
+    table.add_column("repeat offenders")
+    table.add_column("alerts", justify="right")
+
+    def row(label: str, s: ComplianceStats) -> None:
+        table.add_row(
+            label,
+            str(s.machines_tracked),
+            f"{s.compliant_pct:.2f}",
+            f"{s.non_compliant_pct:.2f}",
+            f"{s.unknown_pct:.2f}",
+            f"{s.exempt_pct:.2f}",
+            str(s.incidents_opened),
+            str(s.incidents_verified),
+            str(s.incidents_failed),
+            str(s.incidents_open),
+            _seconds(s.detect_to_verified_p50_s),
+            _seconds(s.detect_to_verified_p95_s),
+            ", ".join(s.repeat_offenders),
+            str(s.open_alerts),
+        )
+
+    for stats in report.sites:
+        row(stats.site or "(no site)", stats)
+    row("fleet" if report.fleet.site is None else f"total ({report.fleet.site})", report.fleet)
+    return table
+
+
+def _print_timeline(timeline: MachineTimeline) -> None:
+    console = _console()
+    flag = "  REPEAT OFFENDER" if timeline.repeat_offender else ""
+    console.print(
+        f"machine {timeline.machine_id} ({timeline.site or 'no site'}): "
+        f"now {timeline.current_status or 'not tracked'}{flag}"
+    )
+    intervals = Table(title="intervals", title_justify="left")
+    for name in ("from", "to", "status", "pool set", "cause"):
+        intervals.add_column(name)
+    for iv in timeline.intervals:
+        intervals.add_row(
+            _when(iv.started_at),
+            _when(iv.ended_at) or "(open)",
+            iv.status,
+            "" if iv.pool_set_version is None else f"v{iv.pool_set_version}",
+            iv.cause,
+        )
+    console.print(intervals)
+    incidents = Table(title="drift incidents", title_justify="left")
+    for name in ("detected", "action", "action at", "verified", "outcome", "s", "cause"):
+        incidents.add_column(name)
+    for inc in timeline.incidents:
+        incidents.add_row(
+            _when(inc.detected_at),
+            inc.action or "-",
+            _when(inc.action_at),
+            _when(inc.verified_at),
+            inc.outcome,
+            _seconds(inc.detect_to_verified_s),
+            inc.cause or "; ".join(inc.problems),
+        )
+    console.print(incidents)
+
+
+def _alerts_table(alerts: list[AlertView]) -> Table:
+    table = Table(title=f"{len(alerts)} open alert(s)", title_justify="left")
+    for name in ("at", "kind", "severity", "site", "machine", "agent", "detail"):
+        table.add_column(name)
+    for a in alerts:
+        table.add_row(
+            _when(a.at),
+            a.kind,
+            a.severity,
+            a.site or "",
+            a.machine_id or "",
+            a.agent_id or "",
+            a.detail,
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``compliance`` group and the ``alerts`` command to `asicfleet controller`."""
+    group = typer.Typer(help="Pool-compliance evidence: status over a period, timelines.")
+    app.add_typer(group, name="compliance", no_args_is_help=True)
+
+    @group.command("status")
+    def status(
+        ctx: typer.Context,
+        site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+        period: PeriodOpt = None,
+        since: SinceOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Fleet and per-site compliance: time shares, incidents, detect-to-verified p50/p95,
+        repeat offenders, open alerts."""
+        now = datetime.now(UTC)
+        start, end = _period(period, since, now)
+        rules = Rules.of(context(ctx).settings())
+        with _session(ctx) as session:
+            report = compliance_status(session, site, start, end, rules=rules, now=now)
+        if as_json:
+            typer.echo(report.model_dump_json(indent=2))
+        else:
+            console = _console()
+            console.print(_status_table(report))
+            if report.fleet.non_compliant_now:
+                console.print("non-compliant now: " + ", ".join(report.fleet.non_compliant_now))
+
+    @group.command("timeline")
+    def timeline(
+        ctx: typer.Context,
+        machine: Annotated[str, typer.Argument(metavar="MACHINE_ID", help="machine_id, MAC or IP")],
+        period: PeriodOpt = None,
+        since: SinceOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """One machine's intervals and drift incidents (detected, action, verified)."""
+        start, end = _period(period, since, datetime.now(UTC))
+        rules = Rules.of(context(ctx).settings())
+        with _session(ctx) as session:
+            result = machine_timeline(session, machine, start, end, rules=rules)
+        if as_json:
+            typer.echo(result.model_dump_json(indent=2))
+        else:
+            _print_timeline(result)
+
+    @app.command("alerts")
+    def alerts(
+        ctx: typer.Context,
+        site: Annotated[str | None, typer.Option(help="Only this site.")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Open alerts: refused policy bundles, halted rollouts, repeat offenders, criticals."""
+        with _session(ctx) as session:
+            found = open_alerts(session, site)
+        if as_json:
+            typer.echo("[" + ",".join(a.model_dump_json() for a in found) + "]")
+        else:
+            _console().print(_alerts_table(found))
