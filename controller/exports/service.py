@@ -1,0 +1,280 @@
+"""Running an export: build the tables, write the files, sign the manifest, audit the request.
+
+The CLI and the API's background jobs both call :func:`run_export`. The audit-log chain head
+is read before anything else, so the manifest names the log as it stood when the export
+began; the export's own audit entry (``export.create``, carrying the manifest's SHA-256) is
+appended afterwards, in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlmodel import Session
+
+from controller import audit
+from controller.actors import Actor
+from controller.errors import ControllerError
+from controller.exports import audit_export, csv_writer, pdf_writer, xlsx_writer
+from controller.exports.compliance_report import (
+    DEFAULT_REPEAT_THRESHOLD,
+    ComplianceQuery,
+    build_compliance,
+)
+from controller.exports.i18n import Lang, label
+from controller.exports.manifest import MANIFEST, write_manifest
+from controller.exports.register import RegisterQuery, build_register, register_totals
+from controller.exports.table import Document, utc_text
+from controller.models import LifecycleState, utcnow
+from controller.signing import SigningKey
+
+ExportKind = Literal["register", "compliance", "audit"]
+FORMATS: dict[str, tuple[str, ...]] = {
+    "register": ("csv", "xlsx", "pdf"),
+    "compliance": ("csv", "xlsx", "pdf"),
+    "audit": ("csv", "json"),
+}
+Progress = Callable[[float, str], None]
+
+
+class ExportError(ControllerError):
+    """The export cannot be made as asked (bad output folder, bad format …)."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything an export is asked with; it is recorded in the manifest as given."""
+
+    kind: ExportKind
+    formats: tuple[str, ...]
+    lang: Lang = "en"
+    as_of: datetime | None = None
+    period: tuple[datetime, datetime] | None = None
+    site: str | None = None
+    state: LifecycleState | None = None
+    model: str | None = None
+    repeat_threshold: int = DEFAULT_REPEAT_THRESHOLD
+
+    def problems(self) -> list[str]:
+        """What is wrong with the request itself (pure)."""
+        out = []
+        allowed = FORMATS[self.kind]
+        bad = [f for f in self.formats if f not in allowed]
+        if bad or not self.formats:
+            out.append(
+                f"format(s) {', '.join(bad) or '(none)'} not available for a {self.kind} "
+                f"export (choose from {', '.join(allowed)})"
+            )
+        if self.kind == "register" and self.as_of is None:
+            out.append("a register export needs --as-of")
+        if self.kind == "compliance" and self.period is None:
+            out.append("a compliance report needs --period")
+        if self.period is not None and self.period[1] <= self.period[0]:
+            out.append("the period must end after it starts")
+        if self.repeat_threshold < 1:
+            out.append("the repeat-offender threshold must be at least 1")
+        return out
+
+    def described(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "formats": list(self.formats),
+            "lang": self.lang,
+            "as_of": utc_text(self.as_of) if self.as_of else None,
+            "period": (
+                {"from": utc_text(self.period[0]), "to": utc_text(self.period[1])}
+                if self.period
+                else None
+            ),
+            "filters": {
+                "site": self.site,
+                "lifecycle_state": self.state.value if self.state else None,
+                "model": self.model,
+            },
+            **({"repeat_threshold": self.repeat_threshold} if self.kind == "compliance" else {}),
+        }
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def prepare_folder(out: Path) -> None:
+    """``out`` must be new or empty: an export never mixes with other files."""
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        if any(out.iterdir()):
+            raise ExportError(f"{out} is not empty; give a new folder for the export")
+    else:
+        try:
+            out.mkdir(parents=True)
+        except OSError as exc:
+            raise ExportError(f"cannot create {out}: {exc.strerror}") from None
+
+
+def run_export(
+    session: Session,
+    request: ExportRequest,
+    out: Path,
+    key: SigningKey,
+    actor: Actor,
+    *,
+    resolution_s: int,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write the export into ``out`` (new or empty) and audit it; the caller commits."""
+    problems = request.problems()
+    if problems:
+        raise ExportError("; ".join(problems))
+    prepare_folder(out)
+    report = progress or (lambda _f, _s: None)
+    head = audit_export.chain_head(session)
+    generated_at = utcnow()
+    report(0.05, "reading")
+    document = _document(session, request, head, resolution_s)
+    document.cover.extend(_cover(request, actor, generated_at, head, document, key))
+    rows = {t.name: len(t.rows) for t in document.tables}
+    steps = len(request.formats)
+    for index, fmt in enumerate(request.formats):
+        report(0.3 + 0.6 * index / steps, f"writing {fmt}")
+        _write(fmt, document, out, session, head, request.lang)
+    report(0.92, "signing")
+    body = {
+        "request": request.described(),
+        "requested_by": {"name": actor.name, "kind": actor.kind, "source": actor.source},
+        "generated_at": utc_text(generated_at),
+        "rows": rows,
+        "audit_chain_head": head,
+    }
+    manifest = write_manifest(out, body, key)
+    digest = hashlib.sha256((out / MANIFEST).read_bytes()).hexdigest()
+    audit.record(
+        session,
+        actor=actor.name,
+        actor_kind=actor.kind,
+        action="export.create",
+        entity="export",
+        entity_id=request.kind,
+        after={
+            "request": request.described(),
+            "manifest_sha256": digest,
+            "files": [f["name"] for f in manifest["files"]],
+            "rows": manifest["rows"],
+        },
+        source=actor.source,
+    )
+    report(1.0, "done")
+    return ExportResult(folder=out, manifest=manifest, manifest_sha256=digest, rows=rows)
+
+
+def zip_folder(folder: Path, target: Path) -> Path:
+    """The export folder as one zip (files under a folder named like the export)."""
+    tmp = target.with_name(target.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                archive.write(path, f"{folder.name}/{path.name}")
+    shutil.move(tmp, target)
+    return target
+
+
+# --- the parts ---------------------------------------------------------------------------------
+
+
+def _document(
+    session: Session, request: ExportRequest, head: dict[str, Any], resolution_s: int
+) -> Document:
+    lang = request.lang
+    if request.kind == "register":
+        assert request.as_of is not None
+        table = build_register(
+            session,
+            RegisterQuery(
+                as_of=request.as_of,
+                period=request.period,
+                site=request.site,
+                state=request.state,
+                model=request.model,
+            ),
+            resolution_s,
+        )
+        return Document("register", lang, [table], totals=register_totals(table))
+    if request.kind == "compliance":
+        assert request.period is not None
+        report = build_compliance(
+            session,
+            ComplianceQuery(request.period, request.site, request.repeat_threshold),
+            lang,
+        )
+        tables = [report.sites, report.machines, report.incidents]
+        return Document("compliance", lang, tables, totals=report.totals)
+    table = audit_export.audit_table(session, head)
+    totals: list[tuple[str, Any]] = [("total.entries", len(table.rows))]
+    return Document("audit", lang, [table], totals=totals)
+
+
+def _cover(
+    request: ExportRequest,
+    actor: Actor,
+    generated_at: datetime,
+    head: dict[str, Any],
+    document: Document,
+    key: SigningKey,
+) -> list[tuple[str, str]]:
+    from controller.exports.manifest import fingerprint
+
+    lang = request.lang
+    cover = [("cover.site", request.site or label("cover.all_sites", lang))]
+    if request.as_of is not None:
+        cover.append(("cover.as_of", utc_text(request.as_of)))
+    if request.period is not None:
+        cover.append(
+            ("cover.period", f"{utc_text(request.period[0])} – {utc_text(request.period[1])}")
+        )
+    filters = [
+        f"{label(k, lang)}: {v}"
+        for k, v in (
+            ("lifecycle_state", request.state.value if request.state else None),
+            ("model", request.model),
+        )
+        if v
+    ]
+    if filters:
+        cover.append(("cover.filters", "; ".join(filters)))
+    cover.append(("cover.generated_at", utc_text(generated_at)))
+    cover.append(("cover.generated_by", f"{actor.name} ({actor.source})"))
+    cover.append(
+        ("cover.rows", "; ".join(f"{label(t.sheet, lang)}: {len(t.rows)}" for t in document.tables))
+    )
+    cover.append(("cover.chain_head", f"#{head['seq']} {head['hash']}"))
+    cover.append(("cover.key", fingerprint(key.public_key_b64())))
+    return cover
+
+
+def _write(
+    fmt: str, document: Document, out: Path, session: Session, head: dict[str, Any], lang: Lang
+) -> None:
+    stem = "compliance" if document.kind == "compliance" else document.tables[0].name
+    if fmt == "csv":
+        for table in document.tables:
+            csv_writer.write_csv(table, lang, out / f"{table.name}.csv")
+    elif fmt == "xlsx":
+        xlsx_writer.write_xlsx(document, out / f"{stem}.xlsx")
+    elif fmt == "pdf":
+        pdf_writer.write_pdf(document, out / f"{stem}.pdf")
+    elif fmt == "json":
+        audit_export.write_json(session, head, out / audit_export.JSON_NAME, lang)
+    else:  # pragma: no cover - rejected by ExportRequest.problems
+        raise ExportError(f"unknown format {fmt}")
