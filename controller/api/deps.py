@@ -97,9 +97,10 @@ def authenticate(request: Request, session: SessionDep) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
-def require_roles(*roles: Role) -> Callable[[Principal], Principal]:
-    """A dependency that lets through users with one of ``roles`` (admin always passes)."""
-    allowed = set(roles) | {Role.ADMIN}
+def require_roles(*roles: Role, admin_passes: bool = True) -> Callable[[Principal], Principal]:
+    """A dependency that lets through users with one of ``roles``. Admin passes too, unless
+    ``admin_passes`` is False (evidence for an inspector is for the compliance roles only)."""
+    allowed = set(roles) | ({Role.ADMIN} if admin_passes else set())
 
     def check(principal: PrincipalDep) -> Principal:
         if principal.kind != "user" or principal.role not in allowed:

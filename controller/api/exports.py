@@ -34,7 +34,9 @@ from controller.signing import load_or_create
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/exports", tags=["exports"])
 
-AuditorDep = Annotated[Principal, Depends(require_roles(Role.COMPLIANCE, Role.INSPECTOR))]
+AuditorDep = Annotated[
+    Principal, Depends(require_roles(Role.COMPLIANCE, Role.INSPECTOR, admin_passes=False))
+]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 JOB_ID = r"^[0-9a-f]{24}$"
 

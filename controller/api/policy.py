@@ -33,6 +33,8 @@ ADMIN: Final = roles()
 OPERATORS: Final = roles(Role.OPERATOR)
 FLOOR: Final = roles(Role.TECHNICIAN, Role.OPERATOR)
 AUDITORS: Final = roles(Role.COMPLIANCE, Role.INSPECTOR)
+EXPORTERS: Final = frozenset({Role.COMPLIANCE.value, Role.INSPECTOR.value})
+"""Exports of the evidence: the compliance roles only, not even admin (issue 6)."""
 PROPOSERS: Final = roles(Role.OPERATOR, Role.COMPLIANCE)
 # Admin passes the role check, but controller.pool_policy refuses (403) anyone but a second,
 # compliance-role user when the real decision is made.
@@ -98,10 +100,10 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], Access]] = {
     ("GET", f"{API}/audit"): AUDITORS,
     ("GET", f"{API}/audit/verify"): AUDITORS,
     # compliance exports (background jobs, signed zips)
-    ("POST", f"{API}/exports"): AUDITORS,
-    ("GET", f"{API}/exports"): AUDITORS,
-    ("GET", f"{API}/exports/{{job_id}}"): AUDITORS,
-    ("GET", f"{API}/exports/{{job_id}}/download"): AUDITORS,
+    ("POST", f"{API}/exports"): EXPORTERS,
+    ("GET", f"{API}/exports"): EXPORTERS,
+    ("GET", f"{API}/exports/{{job_id}}"): EXPORTERS,
+    ("GET", f"{API}/exports/{{job_id}}/download"): EXPORTERS,
     # Prometheus
     ("GET", "/metrics"): ANY_USER,
 }

@@ -776,7 +776,7 @@ def test_api_runs_exports_in_the_background_for_auditors_only(
         "period": PERIOD,
         "lang": "ru",
     }
-    for role in (Role.TECHNICIAN, Role.OPERATOR):
+    for role in (Role.TECHNICIAN, Role.OPERATOR, Role.ADMIN):
         denied = app_client.post("/api/v1/exports", json=body, headers=make_user(role).headers)
         assert denied.status_code == 403
     started = app_client.post("/api/v1/exports", json=body, headers=inspector)
