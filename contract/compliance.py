@@ -16,6 +16,7 @@ from contract.reports import PoolReading
 
 DEFAULT_SCHEME = "stratum+tcp://"
 DEVFEE = "devfee"
+DEVFEE_URL = "DevFee"
 
 
 class PoolStatus(StrEnum):
@@ -42,7 +43,15 @@ def canonical_url(url: str) -> str:
 
 
 def is_devfee(reading: PoolReading) -> bool:
-    return reading.kind == DEVFEE or reading.url == "DevFee" or reading.user == "DevFee"
+    """A firmware fee slot is recognised by its URL alone (VNish lists ``DevFee`` there). A
+    pool with a real URL is a user pool whatever its user or ``kind`` say: malware could name
+    its worker ``DevFee`` to pass as the firmware's own fee."""
+    return bare_host(reading.url) == DEVFEE_URL
+
+
+def bare_host(url: str) -> str:
+    """``stratum+tcp://DevFee`` -> ``DevFee``; ``DevFee`` -> ``DevFee``."""
+    return url.strip().partition("://")[2] if "://" in url else url.strip()
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,16 @@ def check_template(template: str) -> str:
             f"worker template {template!r} must contain {{machine_id}} or {{serial}} "
             "so that every machine gets its own worker"
         )
+    if not template.startswith("{account}") or template[len("{account}") :][:1] not in (
+        ".",
+        "_",
+        "-",
+    ):
+        raise WorkerTemplateError(
+            f"worker template {template!r} must start with {{account}} and a separator "
+            "(e.g. {account}.{machine_id}): the approved pool set's account, which a second "
+            "person approved, decides whose account the hashrate is credited to"
+        )
     if len(template) > 200:
         raise WorkerTemplateError("worker template is longer than 200 characters")
     return template

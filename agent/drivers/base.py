@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from ipaddress import IPv4Address
 
 from agent.errors import DriverError, Unsupported
+from contract.compliance import DEVFEE_URL, bare_host
 from contract.reports import IdentityRecord, Observation, PoolReading
 
 DEVFEE = "devfee"
@@ -214,10 +215,10 @@ def normalise_pool_url(url: str) -> str:
 
 
 def pool_kind(url: str, user: str, pool_type: object = None) -> str:
-    """VNish lists its dev fee as a pool (URL ``DevFee``, cgminer ``Type`` 1)."""
-    if url == "DevFee" or user == "DevFee" or pool_type == 1:
-        return DEVFEE
-    return USER
+    """VNish lists its dev fee as a pool whose URL is ``DevFee``. The URL alone decides (the
+    same rule as :func:`contract.compliance.is_devfee`): a real URL with the user ``DevFee`` or
+    a cgminer ``Type`` 1 is still a user pool, or malware could hide behind the name."""
+    return DEVFEE if bare_host(url) == DEVFEE_URL else USER
 
 
 def derive_is_mining(hashrate_ths: float | None, reported: bool | None) -> bool | None:

@@ -300,6 +300,9 @@ def test_site_policy_changes_are_audited_and_warn(
         url, json={"worker_template": "{account}"}, headers=people["olga"].headers
     )
     assert bad.status_code == 422 and "must contain {machine_id} or {serial}" in bad.text
+    thief = {"worker_template": "thief.{machine_id}"}  # the approved account decides the payee
+    stolen = app_client.patch(url, json=thief, headers=people["olga"].headers)
+    assert stolen.status_code == 422 and "must start with {account}" in stolen.text
     assert (
         app_client.patch(url, json={"mode": "fix"}, headers=people["olga"].headers).status_code
         == 422
