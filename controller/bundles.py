@@ -214,10 +214,11 @@ class PolicyPreview(BaseModel):
     machines: int
     compliant: int
     would_write: int = Field(
-        description="registered, not exempt, not compliant: written in enforce mode"
+        description="not exempt, not compliant: written in enforce mode (as the agent decides)"
     )
-    non_compliant_unregistered: int = Field(
-        description="not compliant but only discovered: not written (quarantined if the site says)"
+    would_quarantine: int = Field(
+        description="only discovered, and the site quarantines unregistered machines: slept if "
+        "hashing, not written"
     )
     unknown: int = Field(description="no observation, unreachable, or pools unreadable")
     exempt: int
@@ -237,12 +238,15 @@ def classify(
     worker: str,
     *,
     registered: bool,
+    quarantine_unregistered: bool = False,
     exempt: bool,
     reachable: bool | None,
     pools: Any,
 ) -> tuple[str, list[str]]:
-    """One machine's outcome under ``pool_set`` (pure): compliant, would_write,
-    non_compliant_unregistered, unknown or exempt, with the problems found."""
+    """One machine's outcome under ``pool_set`` (pure; the agent's ``decide()`` in the same
+    order): would_quarantine, exempt, unknown, compliant or would_write, with the problems."""
+    if quarantine_unregistered and not registered:
+        return "would_quarantine", []
     if exempt:
         return "exempt", []
     readings = _readings(pools) if reachable else None
@@ -251,8 +255,7 @@ def classify(
     verdict = assess_pools(pool_set, worker, readings)
     if verdict.compliant:
         return "compliant", []
-    outcome = "would_write" if registered else "non_compliant_unregistered"
-    return outcome, list(verdict.problems)
+    return "would_write", list(verdict.problems)
 
 
 def preview(
@@ -298,6 +301,7 @@ def preview(
             pool_set,
             worker,
             registered=row.lifecycle_state != LifecycleState.DISCOVERED,
+            quarantine_unregistered=policy.quarantine_unregistered,
             exempt=row.id in exempt,
             reachable=row.reachable,
             pools=row.pools,
@@ -315,7 +319,7 @@ def preview(
         machines=sum(counts.values()),
         compliant=counts["compliant"],
         would_write=counts["would_write"],
-        non_compliant_unregistered=counts["non_compliant_unregistered"],
+        would_quarantine=counts["would_quarantine"],
         unknown=counts["unknown"],
         exempt=counts["exempt"],
         duplicate_workers=sum(n for n in workers.values() if n > 1),

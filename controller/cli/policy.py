@@ -136,7 +136,7 @@ def _print_preview(view: bundles.PolicyPreview) -> None:
     typer.echo(f"  compliant                   {view.compliant}")
     verb = "would be written" if view.mode is EnforcementMode.ENFORCE else "would be written*"
     typer.echo(f"  {verb:<27} {view.would_write}")
-    typer.echo(f"  non-compliant, unregistered {view.non_compliant_unregistered}")
+    typer.echo(f"  would be quarantined        {view.would_quarantine}")
     typer.echo(f"  unknown                     {view.unknown}")
     typer.echo(f"  exempt                      {view.exempt}")
     if view.duplicate_workers:

@@ -152,9 +152,10 @@ def test_classify_one_machine() -> None:
     assert classify(pool_set, "farm1.M1", pools=good, **kw) == ("compliant", [])
     outcome, problems = classify(pool_set, "farm1.M1", pools=bad, **kw)
     assert outcome == "would_write" and any("evil.example.com" in p for p in problems)
-    assert classify(pool_set, "farm1.M1", pools=bad, **{**kw, "registered": False})[0] == (
-        "non_compliant_unregistered"
-    )
+    unregistered = {**kw, "registered": False}  # written too, as the agent does …
+    assert classify(pool_set, "farm1.M1", pools=bad, **unregistered)[0] == "would_write"
+    quarantined = {**unregistered, "quarantine_unregistered": True}  # … unless quarantined
+    assert classify(pool_set, "farm1.M1", pools=good, **quarantined)[0] == "would_quarantine"
     assert classify(pool_set, "farm1.M1", pools=bad, **{**kw, "exempt": True})[0] == "exempt"
     assert classify(pool_set, "farm1.M1", pools=[], **{**kw, "reachable": None})[0] == "unknown"
     assert classify(pool_set, "farm1.M1", pools=good, **{**kw, "reachable": False})[0] == "unknown"
@@ -437,7 +438,7 @@ def test_preview_counts_machines_by_outcome(
             "machines",
             "compliant",
             "would_write",
-            "non_compliant_unregistered",
+            "would_quarantine",
             "unknown",
             "exempt",
         )
@@ -445,12 +446,12 @@ def test_preview_counts_machines_by_outcome(
     assert counts == {
         "machines": 7,
         "compliant": 2,
-        "would_write": 1,
-        "non_compliant_unregistered": 1,
+        "would_write": 2,
+        "would_quarantine": 0,
         "unknown": 2,
         "exempt": 1,
     }
-    assert [s["machine_id"] for s in body["samples"]] == ["M000000003"]
+    assert [s["machine_id"] for s in body["samples"]] == ["M000000003", "M000000006"]
     assert any("evil.example.com" in p for p in body["samples"][0]["problems"])
 
     assert approve(app_client, cora, 1).status_code == 200
