@@ -6,8 +6,8 @@ call the same functions. ``controller.api.deps.Principal`` satisfies the protoco
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,8 +40,8 @@ class ConsoleActor:
 
 def cli_actor() -> ConsoleActor:
     """The operating-system user running the CLI (falls back to the uid when it has no name)."""
-    try:
-        who = getpass.getuser()
+    try:  # the account of the process, not $USER/$LOGNAME, which anyone can set
+        who = pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, OSError):
         who = f"uid{os.getuid()}"
     return ConsoleActor(name=f"cli:{who}")

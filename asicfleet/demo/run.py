@@ -76,7 +76,8 @@ class DemoOptions:
 
 @dataclass
 class People:
-    """API tokens of the demo's users (kept in memory and in a 0600 file in the data dir)."""
+    """API tokens of the demo's users, kept in memory only (their passwords go to a 0600 file
+    in the data directory, for a person who wants to explore the API)."""
 
     tokens: dict[str, str] = field(default_factory=dict)
 

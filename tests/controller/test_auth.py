@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
+import pwd
 from datetime import timedelta
 
 import pytest
@@ -333,7 +334,7 @@ def test_cli_user_add_reads_the_password_from_stdin(
     assert role.exit_code == 2
 
     entry = audit_entries(engine, "user.create")[0]
-    assert entry.actor == f"cli:{getpass.getuser()}"
+    assert entry.actor == f"cli:{pwd.getpwuid(os.getuid()).pw_name}"  # not $USER
     assert (entry.actor_kind, entry.source) == ("user", "cli")
     listed = cli("user", "list")
     assert listed.exit_code == 0 and "root" in listed.stdout and "admin" in listed.stdout
