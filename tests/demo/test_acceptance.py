@@ -70,16 +70,12 @@ def test_a_thousand_miners_are_brought_onto_the_approved_pools_and_kept_there() 
     try:
         demo.start()
         wait_for("the agent's first cycle", lambda: demo.agent_status().get("cycles", 0) >= 1, 240)
-        first_cycle = demo.agent_status()["cycles"]
+        # From the end of the agent's first poll cycle, at most two poll intervals:
         truth = wait_for(
             "every writable machine on the approved pools",
             lambda: (t := demo.snapshot()[0]).all_compliant and t,
-            timeout=4 * POLL_S,
+            timeout=2 * POLL_S,
             every=2.0,
-        )
-        cycles = demo.agent_status()["cycles"]
-        assert cycles - first_cycle <= 2, (
-            f"compliant only after cycle {cycles} (first was {first_cycle})"
         )
         assert truth.writable == MINERS and truth.registered == MINERS
 
@@ -92,6 +88,7 @@ def test_a_thousand_miners_are_brought_onto_the_approved_pools_and_kept_there() 
             "SELECT m.current_ip AS ip, m.machine_id, d.detected_at, d.verified_at, d.outcome, "
             "d.action FROM drift_incident d JOIN machine m ON m.id = d.machine_pk"
         ).fetchall()
+        [[ended]] = db.execute("SELECT max(observed_at) FROM observation_latest").fetchall()
         flagged = {
             r["machine_id"]
             for r in db.execute("SELECT m.machine_id FROM event e JOIN machine m ON m.id = "
@@ -110,8 +107,17 @@ def test_a_thousand_miners_are_brought_onto_the_approved_pools_and_kept_there() 
         verified = [r for r in by_ip[ip] if r["outcome"] == "verified"]
         assert len(verified) >= 3, f"malware machine {ip}: {len(verified)} verified corrections"
         assert {r["machine_id"] for r in by_ip[ip]} <= flagged, f"{ip} not flagged"
+    # Every drift is in the evidence as detected -> written -> verified; the only incidents
+    # still open are malware re-injections detected in the last moments before the stop.
     closed = [r for r in rows if r["verified_at"] is not None]
-    assert all(r["action"] == "write" for r in closed)
+    still_open = [r for r in rows if r["verified_at"] is None]
+    assert all(r["outcome"] == "verified" and r["action"] == "write" for r in closed), [
+        dict(r) for r in closed if r["outcome"] != "verified" or r["action"] != "write"
+    ]
+    for row in still_open:
+        assert row["ip"] in plan.malware, f"incident of {row['ip']} never verified: {dict(row)}"
+        age = (_time(ended) - _time(row["detected_at"])).total_seconds()
+        assert age <= POLL_S + RESTART_S, f"{row['ip']}: open for {age:.0f} s"
     spans = sorted(
         (_time(r["verified_at"]) - _time(r["detected_at"])).total_seconds() for r in closed
     )
