@@ -1,7 +1,8 @@
 """Agent configuration (TOML) and secrets (TOML, mode 0600), validated with pydantic.
 
 Two files because they have different owners and lifetimes: the config is edited by the
-operator, may be world-readable and is safe to paste into a ticket; the secrets file holds the
+operator, may be world-readable and is safe to paste into a ticket (but once it pins the
+controller key, only its owner may write it); the secrets file holds the
 agent's bearer secret and the miners' passwords, is written at enrollment and must be readable
 by the agent's user only. Relative paths in the config are relative to the config file's
 directory (``outbox.path`` is relative to ``data_dir``).
@@ -67,6 +68,7 @@ AGENT_SECRET_PREFIX = "afa_"
 DEFAULT_SECRETS_FILE = "secrets.toml"
 MIN_SEGMENT_PREFIX = 16  # a /16 is 65,536 addresses; anything wider is not one LAN segment
 SECRETS_MODE = 0o600
+CONFIG_UNSAFE_BITS = stat.S_IWGRP | stat.S_IWOTH  # 0o022: may swap the pinned key
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -293,10 +295,33 @@ class AgentSecrets(_Section):
 
 
 def load_config(path: Path | str) -> AgentConfig:
-    """Read and validate ``path``; any problem is a one-line :class:`ConfigError`."""
+    """Read and validate ``path``; any problem is a one-line :class:`ConfigError`.
+
+    A config carrying ``controller.public_key`` is refused when group or others may write it:
+    whoever can rewrite the file can swap the pinned key and sign their own pool policy.
+    """
     path = Path(path)
-    raw = _read_toml(path, path.read_bytes)
-    return _resolve(path, _validate(path, AgentConfig, raw))
+    modes: list[int] = []
+
+    def read() -> bytes:
+        with path.open("rb") as handle:  # the mode of the very file read, not of a later one
+            modes.append(stat.S_IMODE(os.fstat(handle.fileno()).st_mode))
+            return handle.read()
+
+    raw = _read_toml(path, read)
+    config = _validate(path, AgentConfig, raw)
+    if config.controller.public_key is not None and modes:
+        check_config_mode(path, modes[0])
+    return _resolve(path, config)
+
+
+def check_config_mode(path: Path, mode: int) -> None:
+    """Refuse a config holding the pinned controller key that group or others may write."""
+    if mode & CONFIG_UNSAFE_BITS:
+        raise ConfigError(
+            f"{path} has mode {mode:04o}: group or others can rewrite it and swap the pinned "
+            f"controller key; refusing it (fix: chmod go-w {path})"
+        )
 
 
 def load_secrets(path: Path | str) -> AgentSecrets:
@@ -487,6 +512,7 @@ def apply_enrollment(
     )
     write_secrets(config.secrets_file, secrets)
     mode = stat.S_IMODE(config_path.stat().st_mode) if existed else 0o644
+    mode &= ~CONFIG_UNSAFE_BITS  # it now pins the controller key: nobody else may write it
     atomic_write(config_path, tomli_w.dumps(raw).encode(), mode)
     return config
 

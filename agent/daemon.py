@@ -203,7 +203,9 @@ class FleetAgent:
         self._held: list[ReportBatch] = []
         self._full_since: datetime | None = None
         self.policy = policy
-        self.enforcer = Enforcer(self.factory, self.segments, enforcer_settings)
+        self.enforcer = Enforcer(
+            self.factory, self.segments, enforcer_settings, data_dir=config.data_dir
+        )
         self.last_enforcement: EnforcementResult | None = None
 
     # --- policy ---------------------------------------------------------------------------------

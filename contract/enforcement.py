@@ -25,7 +25,7 @@ class EnforcementEvent(StrEnum):
     QUARANTINED = "quarantined"  # hashing while unregistered: put to sleep
     RELEASED = "released"  # claimed: woken again
     POLICY_REFUSED = "policy_refused"  # a bundle failed verification; the last valid one stays
-    ROLLOUT_HALTED = "rollout_halted"  # the canary failed more than the policy allows
+    ROLLOUT_HALTED = "rollout_halted"  # the canary or a later wave failed more than allowed
 
 
 class FailureCause(StrEnum):
@@ -37,7 +37,7 @@ class FailureCause(StrEnum):
     UNREACHABLE = "unreachable"  # no answer while writing or reading back
     REFUSED = "refused"  # the firmware answered with an error
     HIDDEN_POOL = "hidden_pool"  # written, but an unapproved pool is still reported
-    HALTED = "rollout_halted"  # not attempted: the rollout stopped on the canary
+    HALTED = "rollout_halted"  # not attempted: the rollout stopped (too many writes failed)
 
 
 class EnforcementFacts(WireModel):
@@ -55,3 +55,9 @@ class EnforcementFacts(WireModel):
     problems: list[str] = Field(default_factory=list, max_length=16)
     observed: list[PoolReading] = Field(default_factory=list, max_length=16)
     dry_run: bool = False
+    rollout_attempted: int | None = Field(
+        default=None, ge=0, description="rollout_halted: writes attempted under the version"
+    )
+    rollout_failed: int | None = Field(
+        default=None, ge=0, description="rollout_halted: of those, not verified"
+    )

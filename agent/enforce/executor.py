@@ -12,23 +12,30 @@ module does it (in ``enforce`` mode) and turns it into evidence:
   refused our login (``auth_failed``), did not answer (``unreachable``), answered with an error
   (``refused``), still reports an unapproved extra pool (``hidden_pool``), or read back
   unchanged: then it is rebooted and reported ``pending_reboot``; a later cycle reports
-  ``pool_verified`` with ``after_reboot`` or, still unchanged, ``write_ignored``;
+  ``pool_verified`` with ``after_reboot`` or, still unchanged, ``write_ignored``. A read-back
+  that gets no answer (firmware restarting to apply the pools) is simply retried; only when
+  the miner stops answering for the rest of the window is the write ``unreachable`` (never
+  rebooted then: it is judged on the next cycle it answers);
 - after ``write_ignored``, ``hidden_pool``, ``auth_failed`` or ``refused`` the machine is not
-  rewritten for ``retry_after_cycles`` cycles (a firmware that ignores writes would otherwise
-  be hammered every cycle); ``unreachable`` is retried on the next cycle it answers;
+  rewritten for a while, doubling with each such failure in a row (:func:`retry_in_cycles`: 1,
+  2, 4 … cycles, at most ``retry_max_cycles``), so a firmware that ignores writes is not
+  hammered every cycle; ``unreachable`` is retried on the next cycle it answers;
 - the first writes under a new policy (or pool set) version are a canary: ``canary_size``
-  machines (lowest IPs first); if more than ``max_failure_rate`` of them fail, the rollout of
-  that version halts (``rollout_halted``) and no further write is attempted under it;
+  machines (lowest IPs first); the rest follow in waves (:func:`wave_sizes`: 4, 8, 16 …
+  times the canary); after the canary and after every wave, if more than
+  ``max_failure_rate`` of the writes so far failed, the rollout of that version halts
+  (``rollout_halted``) and no further write is attempted under it;
 - a machine hashing while unregistered is put to sleep when the policy quarantines
-  (``quarantined``) and woken when it is registered (``released``).
+  (``quarantined``) and woken when it is registered (``released``); which machines this agent
+  slept is kept on disk (:mod:`agent.enforce.quarantine`), so a restart still wakes them.
 
 Every read-back is added to the cycle's report as an observation, so the controller sees the
 corrected state with its own timestamp. Writes are bounded per segment by
 ``rollout.writes_per_segment``. Observe mode and dry runs decide the same, write nothing.
 
-Memory (open incidents, pending reboots, quarantined machines, the rollout's state) lives in
-this object, keyed by IP: an agent restart forgets it, which costs at most one more write and a
-new canary.
+Memory (open incidents, pending reboots, backoff, the rollout's state) lives in this object,
+keyed by IP: an agent restart forgets it, which costs at most one more write and a new canary.
+The quarantine record is the exception: forgetting it would leave a claimed machine asleep.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from agent.coordinator import Report, segment_of
 from agent.drivers.base import MinerDriver, PollSnapshot, utcnow
@@ -61,6 +69,7 @@ from agent.enforce.decide import (
     only_extra_pools,
     writable_set,
 )
+from agent.enforce.quarantine import QuarantineRecord, quarantine_path
 from agent.errors import DriverError
 from contract.compliance import assess_pools
 from contract.enforcement import EnforcementEvent, EnforcementFacts, FailureCause
@@ -71,6 +80,10 @@ from firmware_profiles import ResolvedProfile
 log = logging.getLogger(__name__)
 
 MAX_FACT_ITEMS = 16
+WAVE_FACTOR = 4
+"""The first wave after the canary is this many canaries; each later wave doubles."""
+
+T = TypeVar("T")
 
 
 class DriverSource(Protocol):
@@ -86,9 +99,38 @@ class DriverSource(Protocol):
 class EnforcerSettings:
     verify_delays_s: tuple[float, ...] = (0.5, 1.0, 2.0)
     """Waits before the 2nd, 3rd … read-back (the last one repeats)."""
-    retry_after_cycles: int = 10
-    """Cycles to leave a machine alone after a write failed for a cause that retrying at once
-    would not fix (ignored, hidden pool, refused login, firmware error)."""
+    retry_max_cycles: int = 64
+    """The longest a machine is left alone after writes failed for a cause that retrying at
+    once would not fix (ignored, hidden pool, refused login, firmware error): the wait doubles
+    from 1 cycle with each such failure in a row, up to this (about an hour at 60 s cycles)."""
+
+
+def retry_in_cycles(failures: int, cap: int) -> int:
+    """Cycles to wait before rewriting a machine after ``failures`` failed writes in a row:
+    1, 2, 4, 8 … never more than ``cap`` (and at least 1)."""
+    if failures <= 1:
+        return 1
+    return max(1, min(cap, 1 << min(failures - 1, 30)))
+
+
+def wave_sizes(total: int, canary_size: int) -> list[int]:
+    """How a rollout of ``total`` writes is cut: the canary, then waves of 4, 8, 16 … times
+    the canary (the failure rate is checked after each), the last one what is left."""
+    sizes: list[int] = []
+    size = max(1, canary_size)
+    left = total
+    while left > 0:
+        sizes.append(min(size, left))
+        left -= sizes[-1]
+        size = max(1, canary_size) * WAVE_FACTOR if len(sizes) == 1 else size * 2
+    return sizes
+
+
+def waves_of(items: Sequence[T], canary_size: int) -> Iterator[Sequence[T]]:
+    start = 0
+    for size in wave_sizes(len(items), canary_size):
+        yield items[start : start + size]
+        start += size
 
 
 class RolloutState(StrEnum):
@@ -108,6 +150,8 @@ class Incident:
     pending_reboot: bool = False
     failed: FailureCause | None = None
     retry_cycle: int = 0
+    failures: int = 0
+    """Writes in a row that failed for a cause that backs off (reset when it is verified)."""
 
 
 @dataclass
@@ -116,7 +160,6 @@ class Memory:
 
     incident: Incident | None = None
     cannot: str | None = None
-    quarantined: bool = False
 
 
 @dataclass
@@ -190,18 +233,27 @@ def readings_of(snapshot: PollSnapshot) -> tuple[PoolReading, ...]:
 
 
 class Enforcer:
-    """Runs enforcement passes for one agent; keeps the memory between them."""
+    """Runs enforcement passes for one agent; keeps the memory between them.
+
+    With a ``data_dir`` the quarantine record is kept in it (see
+    :mod:`agent.enforce.quarantine`); without, only in memory.
+    """
 
     def __init__(
         self,
         drivers: DriverSource,
         segments: Sequence[IPv4Network] = (),
         settings: EnforcerSettings | None = None,
+        *,
+        data_dir: Path | None = None,
     ) -> None:
         self.drivers = drivers
         self.segments = tuple(segments)
         self.settings = settings or EnforcerSettings()
         self.memory: dict[str, Memory] = {}
+        self.quarantine = QuarantineRecord(
+            quarantine_path(data_dir) if data_dir is not None else None
+        )
         self.rollouts: dict[tuple[int, int | None], RolloutState] = {}
         self.passes = 0
         self._limits: dict[tuple[IPv4Network | None, int], asyncio.Semaphore] = {}
@@ -228,7 +280,7 @@ class Enforcer:
             cannot_set_pools_reason=why,
             pool_slots=slots,
             can_sleep=can_sleep,
-            quarantined=ip in self.memory and self.memory[ip].quarantined,
+            quarantined=self.quarantine.holds(ip, observation.serial, observation.mac),
         )
 
     def _machine_index(self, bundle: PolicyBundle) -> MachineIndex:
@@ -252,6 +304,7 @@ class Enforcer:
         policy = bundle.content if bundle is not None else None
         index = self._machine_index(bundle) if bundle is not None else None
         act = policy is not None and policy.mode is EnforcementMode.ENFORCE and not dry_run
+        self.quarantine.reload()
         ctx = _Context(self, bundle, policy, act, dry_run)
         result = ctx.result
         result.policy_version = bundle.version if bundle is not None else None
@@ -375,13 +428,19 @@ class _Context:
         cause: FailureCause,
         detail: str,
         *,
-        retry_in: int,
+        retry_in: int | None,
         severity: EventSeverity = EventSeverity.WARNING,
         observed: Sequence[PoolReading] = (),
     ) -> None:
+        """Report a write that is not verified. ``retry_in``: cycles until it may be rewritten;
+        None backs off (:func:`retry_in_cycles`, counting this failure)."""
         incident = memory.incident
         assert incident is not None
         machine_id = write.decision.machine.machine_id if write is not None else None
+        if retry_in is None:
+            incident.failures += 1
+            retry_in = retry_in_cycles(incident.failures, self.settings.retry_max_cycles)
+            detail += f"; next write in {retry_in} cycle(s)"
         self.emit(
             ip,
             EnforcementEvent.POOL_WRITE_FAILED,
@@ -522,7 +581,7 @@ class _Context:
                 memory,
                 FailureCause.IGNORED,
                 "the write was acknowledged, but the pools are unchanged even after a reboot",
-                retry_in=self.settings.retry_after_cycles,
+                retry_in=None,
                 severity=EventSeverity.CRITICAL,
                 observed=observation.pools,
             )
@@ -559,8 +618,8 @@ class _Context:
                     _Write(observation, decision, memory),
                     memory,
                     FailureCause.HALTED,
-                    f"not attempted: the rollout of policy version {self.key[0]} halted on its "
-                    "canary",
+                    f"not attempted: the rollout of policy version {self.key[0]} halted "
+                    "(too many of its writes failed)",
                     retry_in=0,
                     observed=observation.pools,
                 )
@@ -571,12 +630,22 @@ class _Context:
     # --- actions --------------------------------------------------------------------------------
 
     async def act_on_sleep_and_wake(self) -> None:
+        """Sleep and wake, then store the quarantine record if it changed (so that a restart,
+        or the daemon after a one-shot run, still knows whom to wake)."""
+        if not self.sleep_wake:
+            return
         size = self.policy.rollout.writes_per_segment if self.policy is not None else 8
-        await asyncio.gather(*(self._sleep_or_wake(o, d, m, size) for o, d, m in self.sleep_wake))
+        self.enforcer.quarantine.reload()  # a one-shot run may have changed it meanwhile
+        done = await asyncio.gather(
+            *(self._sleep_or_wake(o, d, m, size) for o, d, m in self.sleep_wake)
+        )
+        if any(done):
+            self.enforcer.quarantine.save()
 
     async def _sleep_or_wake(
         self, observation: Observation, decision: Quarantine | Release, memory: Memory, size: int
-    ) -> None:
+    ) -> bool:
+        """Whether the miner took it (and the quarantine record changed)."""
         ip = str(observation.ip)
         machine_id = decision.machine.machine_id
         sleeping = isinstance(decision, Quarantine)
@@ -597,10 +666,11 @@ class _Context:
                     memory.cannot = reason
                 self.result.counts["cannot_enforce"] += 1
                 self.outcome(ip, machine_id, decision, "failed", reason)
-                return
+                return False
         memory.cannot = None
+        record = self.enforcer.quarantine
         if sleeping:
-            memory.quarantined = True
+            record.add(ip, observation.serial, observation.mac, machine_id, utcnow())
             self.emit(
                 ip,
                 EnforcementEvent.QUARANTINED,
@@ -612,15 +682,17 @@ class _Context:
             self.result.counts["quarantined"] += 1
             self.outcome(ip, machine_id, decision, "put to sleep")
         else:
-            memory.quarantined = False
+            record.remove(ip, observation.serial, observation.mac)
             self.emit(
                 ip, EnforcementEvent.RELEASED, "registered: woken", EventSeverity.INFO, machine_id
             )
             self.result.counts["released"] += 1
             self.outcome(ip, machine_id, decision, "woken")
+        return True
 
     async def write_all(self) -> None:
-        """Write the machines that need it: the canary first under a new version."""
+        """Write the machines that need it. Under a new version: the canary first, then the
+        rest in growing waves, halting as soon as too many of the writes so far failed."""
         if self.policy is None or self.key is None or not self.act:
             return
         rollout = self.policy.rollout
@@ -629,55 +701,69 @@ class _Context:
         if self.key in rollouts:
             await self._write(writes, rollout.writes_per_segment, rollout.verify_attempts)
             return
-        if not writes:
-            rollouts.clear()
-            rollouts[self.key] = RolloutState.DONE
-            return
-        canary, rest = writes[: rollout.canary_size], writes[rollout.canary_size :]
-        for write in canary:
-            write.canary = True
-        verified = await self._write(canary, rollout.writes_per_segment, rollout.verify_attempts)
-        failures = len(canary) - verified
         rollouts.clear()
-        if failures / len(canary) > rollout.max_failure_rate:
-            rollouts[self.key] = RolloutState.HALTED
-            self.result.halted = True
-            first = str(canary[0].observation.ip)
-            self.emit(
-                first,
-                EnforcementEvent.ROLLOUT_HALTED,
-                f"policy version {self.key[0]}: {failures} of {len(canary)} canary write(s) "
-                f"failed (more than {rollout.max_failure_rate:.0%}); no further writes under "
-                "this version",
-                EventSeverity.CRITICAL,
-                None,
-                problems=[
-                    f"{w.observation.ip}: {w.memory.incident.failed}"
-                    for w in canary
-                    if w.memory.incident is not None and w.memory.incident.failed
-                ],
-            )
-            for write in rest:
-                ip = str(write.observation.ip)
-                self.fail(
-                    ip,
-                    write,
-                    write.memory,
-                    FailureCause.HALTED,
-                    f"not attempted: the rollout of policy version {self.key[0]} halted on its "
-                    "canary",
-                    retry_in=0,
-                    observed=write.observation.pools,
-                )
-                self.outcome(
-                    ip,
-                    write.decision.machine.machine_id,
-                    write.decision,
-                    "not attempted: rollout halted",
-                )
-            return
+        attempted = failed = 0
+        for number, wave in enumerate(waves_of(writes, rollout.canary_size)):
+            for write in wave:
+                write.canary = number == 0
+            verified = await self._write(wave, rollout.writes_per_segment, rollout.verify_attempts)
+            attempted += len(wave)
+            failed += len(wave) - verified
+            if failed / attempted > rollout.max_failure_rate:
+                self._halt(number, attempted, failed, writes[:attempted], writes[attempted:])
+                return
         rollouts[self.key] = RolloutState.DONE
-        await self._write(rest, rollout.writes_per_segment, rollout.verify_attempts)
+
+    def _halt(
+        self,
+        wave: int,
+        attempted: int,
+        failed: int,
+        written: Sequence[_Write],
+        rest: Sequence[_Write],
+    ) -> None:
+        """Stop the rollout of this version: one critical event, every machine not yet written
+        told why, and no further write under this version."""
+        assert self.policy is not None and self.key is not None
+        rollout = self.policy.rollout
+        self.enforcer.rollouts[self.key] = RolloutState.HALTED
+        self.result.halted = True
+        where = "its canary" if wave == 0 else f"wave {wave} after the canary"
+        failures = [
+            f"{w.observation.ip}: {w.memory.incident.failed}"
+            for w in written
+            if w.memory.incident is not None and w.memory.incident.failed
+        ]
+        self.emit(
+            str(written[0].observation.ip),
+            EnforcementEvent.ROLLOUT_HALTED,
+            f"policy version {self.key[0]}: {failed} of {attempted} write(s) failed by "
+            f"{where} (more than {rollout.max_failure_rate:.0%}); {len(rest)} machine(s) not "
+            "attempted, no further writes under this version",
+            EventSeverity.CRITICAL,
+            None,
+            problems=failures[-MAX_FACT_ITEMS:],
+            rollout_attempted=attempted,
+            rollout_failed=failed,
+        )
+        for write in rest:
+            ip = str(write.observation.ip)
+            self.fail(
+                ip,
+                write,
+                write.memory,
+                FailureCause.HALTED,
+                f"not attempted: the rollout of policy version {self.key[0]} halted after "
+                f"{failed} of {attempted} write(s) failed",
+                retry_in=0,
+                observed=write.observation.pools,
+            )
+            self.outcome(
+                ip,
+                write.decision.machine.machine_id,
+                write.decision,
+                "not attempted: rollout halted",
+            )
 
     def _mark_canary(self) -> None:
         """Dry run: flag the machines that would be the canary of a new version."""
@@ -706,7 +792,7 @@ class _Context:
                     write.memory,
                     FailureCause.REFUSED,
                     f"internal error: {exc!r}"[:300],
-                    retry_in=1,
+                    retry_in=None,
                 )
             return False
 
@@ -737,7 +823,6 @@ class _Context:
             problems=decision.problems,
             observed=observation.pools,
         )
-        retry = self.settings.retry_after_cycles
         try:
             driver = await self.enforcer.drivers.driver_for(ip)
             await driver.set_pools(decision.targets)
@@ -749,7 +834,7 @@ class _Context:
                 memory,
                 cause,
                 f"{exc.kind}: {exc.reason}",
-                retry_in=1 if cause is FailureCause.UNREACHABLE else retry,
+                retry_in=1 if cause is FailureCause.UNREACHABLE else None,
             )
             self.outcome(ip, machine_id, decision, f"failed: {cause.value}", exc.reason)
             return False
@@ -790,13 +875,22 @@ class _Context:
                 break
         if snapshot is not None:
             self.readbacks[ip] = self._observation(snapshot, observation)
-        if read is None:
+        went_dark = snapshot is not None and (snapshot.error is not None or not snapshot.reachable)
+        if read is None or (went_dark and not hidden):
+            # Firmware often restarts its mining process (or the whole controller) to apply
+            # pools: silence is not "ignored", and rebooting it now would only interrupt that.
+            detail = (
+                f"no answer to {incident.readbacks} read-back(s) after the write"
+                if read is None
+                else f"stopped answering during the read-backs ({incident.readbacks} read(s); "
+                "restarting to apply?)"
+            )
             self.fail(
                 ip,
                 write,
                 memory,
                 FailureCause.UNREACHABLE,
-                f"no answer to {incident.readbacks} read-back(s) after the write",
+                detail + "; judged again on the next cycle it answers",
                 retry_in=1,
             )
             self.outcome(ip, machine_id, decision, "failed: unreachable", "no read-back")
@@ -810,7 +904,7 @@ class _Context:
                 FailureCause.HIDDEN_POOL,
                 "the approved pools are in place, but the miner still reports an unapproved "
                 "extra pool",
-                retry_in=retry,
+                retry_in=None,
                 severity=EventSeverity.CRITICAL,
                 observed=readings,
             )
@@ -826,7 +920,7 @@ class _Context:
                 FailureCause.IGNORED,
                 f"acknowledged but read back unchanged after {incident.readbacks} read(s); "
                 f"the reboot to apply it failed ({exc.kind}: {exc.reason})",
-                retry_in=retry,
+                retry_in=None,
                 severity=EventSeverity.CRITICAL,
                 observed=readings,
             )

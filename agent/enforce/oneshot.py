@@ -4,6 +4,8 @@ Scans the configured segments, polls every identified miner once, and runs the s
 and executor the daemon runs, under the policy stored by the daemon (verified again). With
 ``dry_run`` nothing is written to any miner and nothing is stored; otherwise the pass's events
 and read-backs go into the outbox like a cycle's, for the daemon (or the next start) to deliver.
+The quarantine record (``data_dir/quarantine.json``) is shared with the daemon: a machine this
+pass puts to sleep is woken by the daemon once it is claimed, and the other way round.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ async def enforce_once(
         return snapshot.to_observation(scan.found[ip])
 
     observations = list(await asyncio.gather(*(poll(ip) for ip in scan.found)))
-    enforcer = Enforcer(factory, segments, settings)
+    enforcer = Enforcer(factory, segments, settings, data_dir=config.data_dir)
     result = await enforcer.run(bundle, observations, now=now, dry_run=dry_run)
     report = PassReport(
         bundle=bundle,

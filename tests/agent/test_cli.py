@@ -190,6 +190,19 @@ def test_run_refuses_an_unenrolled_config_or_readable_secrets(tmp_path: Path) ->
     assert "mode 0644" in error and "chmod 600" in error
 
 
+def test_a_group_writable_config_pinning_the_key_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path, ["127.9.0.0/24"])
+    config.write_text(config.read_text() + f'public_key = "{"A" * 43}="\n')
+    os.chmod(config, 0o664)
+    for args in (("status", "--config", str(config)), ("run", "--config", str(config))):
+        result = invoke(*args)
+        assert result.exit_code == 2, args
+        error = one_line_error(result)
+        assert "mode 0664" in error and f"chmod go-w {config}" in error
+    os.chmod(config, 0o644)
+    assert invoke("status", "--config", str(config)).exit_code != 2
+
+
 def test_enroll_errors_are_one_line(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     bad_url = invoke(

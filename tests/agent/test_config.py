@@ -206,6 +206,46 @@ def test_missing_config_names_the_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
+PINNED = f"""
+[controller]
+url = "http://127.0.0.1:8080"
+public_key = "{PUBLIC_KEY}"
+"""
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620, 0o602])
+def test_a_config_pinning_the_key_that_others_may_write_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    path = write(tmp_path / "agent.toml", PINNED, mode)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert text.startswith(str(path)) and f"mode {mode:04o}" in text
+    assert f"chmod go-w {path}" in text
+    path.chmod(mode & ~0o022)  # the fix the message gives
+    assert load_config(path).controller.public_key == PUBLIC_KEY
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600, 0o444])
+def test_a_config_pinning_the_key_only_its_owner_writes_is_fine(tmp_path: Path, mode: int) -> None:
+    path = write(tmp_path / "agent.toml", PINNED, mode)
+    assert load_config(path).controller.public_key == PUBLIC_KEY
+
+
+def test_a_writable_config_without_a_pinned_key_is_still_read(tmp_path: Path) -> None:
+    """Before enrollment there is no trust anchor to swap."""
+    assert load_config(write(tmp_path / "agent.toml", MINIMAL, 0o666)).controller.public_key is None
+
+
+def test_enrollment_drops_group_write_from_the_config_it_pins_the_key_in(tmp_path: Path) -> None:
+    path = write(tmp_path / "agent.toml", MINIMAL, 0o664)
+    config = apply_enrollment(path, "http://127.0.0.1:8080", enrollment())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert load_config(path) == config
+
+
 # --- secrets -----------------------------------------------------------------------------------
 
 SECRETS = f"""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import stat
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,8 @@ from agent.enforce.decide import (
     WritePools,
     decide,
 )
+from agent.enforce.executor import retry_in_cycles, wave_sizes, waves_of
+from agent.enforce.quarantine import QuarantineRecord
 from contract.policy import (
     ApprovedPoolSet,
     DevFeePolicy,
@@ -231,3 +235,66 @@ def test_index_is_equivalent() -> None:
 
 def _good() -> list[tuple[str, str]]:
     return [(URLS[0], WORKER), (URLS[1], WORKER)]
+
+
+# --- the pure schedules of the executor: backoff and rollout waves -----------------------------
+
+
+def test_retry_backoff_doubles_from_one_cycle_up_to_the_cap() -> None:
+    assert [retry_in_cycles(n, 64) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 64, 64, 64]
+    assert [retry_in_cycles(n, 5) for n in range(1, 6)] == [1, 2, 4, 5, 5]
+    assert retry_in_cycles(0, 64) == 1 and retry_in_cycles(1, 0) == 1  # never "now"
+    assert retry_in_cycles(10_000, 64) == 64  # no overflow however long it keeps failing
+
+
+@pytest.mark.parametrize(
+    ("total", "canary", "sizes"),
+    [
+        (0, 10, []),
+        (7, 10, [7]),
+        (10, 10, [10]),
+        (11, 10, [10, 1]),
+        (20, 2, [2, 8, 10]),
+        (20, 1, [1, 4, 8, 7]),
+        (1000, 10, [10, 40, 80, 160, 320, 390]),
+    ],
+)
+def test_rollout_waves_grow_after_the_canary(total: int, canary: int, sizes: list[int]) -> None:
+    assert wave_sizes(total, canary) == sizes
+    items = list(range(total))
+    assert [list(w) for w in waves_of(items, canary)] == [
+        items[sum(sizes[:n]) : sum(sizes[: n + 1])] for n in range(len(sizes))
+    ]
+
+
+# --- the quarantine record ----------------------------------------------------------------------
+
+
+def test_quarantine_record_survives_and_knows_the_machine_not_the_address(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "quarantine.json"
+    record = QuarantineRecord(path)
+    record.add("127.0.0.5", "SN-0001", "AA:BB:CC:00:00:01", "M0001", NOW)
+    record.add("127.0.0.6", None, "aa-bb-cc-00-00-02", "M0002", NOW)  # Avalon: MAC only
+    record.save()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    again = QuarantineRecord(path)  # a restart
+    assert again.holds("127.0.0.5", "sn-0001", None)
+    assert again.holds("127.0.0.99", "SN-0001", "AA:BB:CC:00:00:01")  # moved address
+    assert not again.holds("127.0.0.5", "SN-9999", "AA:BB:CC:00:00:09")  # another miner there
+    assert again.holds("127.0.0.6", None, "AA:BB:CC:00:00:02")
+    again.remove("127.0.0.99", "SN-0001", None)
+    again.save()
+    record.reload()  # another process (a one-shot run) changed it: seen on the next pass
+    assert not record.holds("127.0.0.5", "SN-0001", None) and len(record) == 1
+
+
+def test_a_damaged_quarantine_record_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "quarantine.json"
+    path.write_text("{not json")
+    assert len(QuarantineRecord(path)) == 0
+    assert "not a quarantine record" in caplog.text

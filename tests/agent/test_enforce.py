@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
+import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -29,6 +32,7 @@ from typer.testing import CliRunner, Result
 from agent.config import AgentConfig, AgentSecrets
 from agent.daemon import Daemon, FleetAgent
 from agent.enforce.executor import EnforcerSettings
+from agent.enforce.oneshot import enforce_once
 from agent.outbox import Outbox
 from agent.policy import PolicyGuard
 from asicfleet.cli import app
@@ -52,7 +56,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 MIX = "antminer=2,whatsminer=1,avalon=1,vnish=1"
 SITE = "kz-test"
-FAST = EnforcerSettings(verify_delays_s=(0.05, 0.1), retry_after_cycles=3)
+NEXT_WRITE = re.compile(r"next write in (\d+) cycle")
+FAST = EnforcerSettings(verify_delays_s=(0.05, 0.1), retry_max_cycles=4)
 
 
 @dataclass
@@ -244,9 +249,11 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     assert not s.events("pool_verified")  # none of them is reported as a success
     assert [r["op"] for r in await s.writes(after_reboot)] == ["pools", "reboot"]
 
+    cycles = 1
     for _ in range(8):  # the rebooted miners come back (polls back off while they are down)
         await asyncio.sleep(1.0)
         await s.agent.poll_cycle()
+        cycles += 1
         if causes(ignored)[-1:] == ["write_ignored"] and s.events("pool_verified", after_reboot):
             break
     assert causes(ignored) == ["pending_reboot", "write_ignored"]
@@ -255,7 +262,12 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     assert len(verified) == 1 and verified[0].data["after_reboot"] is True
     assert s.true_pools(after_reboot) == s.approved(after_reboot)
     assert causes(after_reboot) == ["pending_reboot"]
-    assert causes(wrong_login) == ["auth_failed"]  # backing off: not rewritten every cycle
+    # backing off, doubling (1, 2, 4 … cycles, at most retry_max_cycles=4): not every cycle
+    failures = s.events("pool_write_failed", wrong_login)
+    assert {e.data["cause"] for e in failures} == {"auth_failed"}
+    waits = [int(m.group(1)) for e in failures if (m := NEXT_WRITE.search(e.detail or ""))]
+    assert len(waits) == len(failures) and waits == [1, 2, 4, 4, 4][: len(waits)]
+    assert len(failures) == len([c for c in (1, 2, 4, 8, 12) if c <= cycles]) < cycles
     assert len(await s.writes(wrong_login)) == 0  # the miner refused it: nothing changed
 
 
@@ -519,3 +531,196 @@ async def test_cli_policy_show_and_enforce_dry_run_then_for_real(
     with Outbox(tmp_path / "data" / "outbox.sqlite3") as outbox:
         kinds = [e.kind for b in outbox.peek(100) for e in b.events]
     assert kinds.count("pool_verified") == 2 and kinds.count("pool_drift") == 2
+
+
+# --- review fixes: waves, restarts, quarantine across restarts ----------------------------------
+
+
+async def test_a_later_wave_failing_halts_the_rollout(site: SiteFactory) -> None:
+    s: Site = await site()
+    ips = s.ips()
+    # canary 2 (healthy), then a wave of 8 of which 4 ignore writes: 4 of 10 > 30%: halt
+    for ip in ips[4:8]:
+        await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
+    await s.tamper(*ips)
+    await s.enforce(rollout=RolloutPolicy(canary_size=2, max_failure_rate=0.3))
+    cycle = await s.agent.poll_cycle()
+    assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
+    [halted] = s.events("rollout_halted")
+    assert halted.severity == "critical"
+    assert halted.data["rollout_attempted"] == 10 and halted.data["rollout_failed"] == 4
+    for ip in ips[:4] + ips[8:10]:  # the canary and the healthy part of the wave: corrected
+        assert s.true_pools(ip) == s.approved(ip), ip
+    for ip in ips[10:]:  # the next wave: never written, and told why
+        assert await s.writes(ip) == [], ip
+        assert [e.data["cause"] for e in s.events("pool_write_failed", ip)] == ["rollout_halted"]
+        assert s.true_pools(ip) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
+
+
+async def test_healthy_waves_write_everyone_in_one_cycle(site: SiteFactory) -> None:
+    s: Site = await site()
+    await s.tamper(*s.ips())
+    await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0))
+    cycle = await s.agent.poll_cycle()  # waves of 1, 4, 8, 7
+    assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is False
+    assert cycle.enforcement["verified"] == len(s.ips())
+    canary = [e for e in s.events("pool_write") if "(canary)" in (e.detail or "")]
+    assert [str(e.ip) for e in canary] == s.ips()[:1]
+    for ip in s.ips():
+        assert s.true_pools(ip) == s.approved(ip), ip
+
+
+class GoesDarkAfterWrite:
+    """The agent's own drivers, except that one miner's firmware goes dark after a pool write,
+    as firmware restarting to apply new pools does. Scripted through the simulator's control
+    API: ``after_write`` runs once the write is acknowledged, ``after_read(n)`` after the n-th
+    read-back."""
+
+    def __init__(
+        self,
+        drivers: Any,
+        ip: str,
+        after_write: Callable[[], Any],
+        after_read: Callable[[int], Any],
+    ) -> None:
+        self.inner, self.ip = drivers, ip
+        self.after_write, self.after_read = after_write, after_read
+        self.reads = 0
+
+    @property
+    def drivers(self) -> Any:
+        return self.inner.drivers
+
+    async def driver_for(self, ip: str) -> Any:
+        driver = await self.inner.driver_for(ip)
+        return _Scripted(driver, self) if ip == self.ip else driver
+
+
+class _Scripted:
+    def __init__(self, driver: Any, script: GoesDarkAfterWrite) -> None:
+        self.driver, self.script = driver, script
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    async def set_pools(self, pools: Any) -> None:
+        await self.driver.set_pools(pools)
+        await self.script.after_write()
+
+    async def poll(self) -> Any:
+        snapshot = await self.driver.poll()
+        self.script.reads += 1
+        await self.script.after_read(self.script.reads)
+        return snapshot
+
+
+async def test_a_miner_dark_for_the_first_read_backs_is_verified_by_a_later_one(
+    site: SiteFactory,
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("whatsminer")[0]
+    dark: list[bool] = []
+
+    async def restart() -> None:
+        await s.shard.inject_fault(ip, Fault.OFFLINE, {})
+
+    async def back(reads: int) -> None:
+        dark.append(not s.shard.miner(ip).is_up(time.time()))
+        if reads == 2:  # dark for two read-backs, answers the third
+            await s.shard.clear_fault(ip, Fault.OFFLINE)
+
+    s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, restart, back)
+    await s.tamper(ip)
+    await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0, verify_attempts=3))
+    await s.agent.poll_cycle()
+    assert dark == [True, True, False]
+    assert s.true_pools(ip) == s.approved(ip)
+    [verified] = s.events("pool_verified", ip)
+    assert verified.data["attempts"] == 3
+    assert s.events("pool_write_failed", ip) == [] and s.events("rollout_halted") == []
+
+
+async def test_a_miner_restarting_after_a_write_is_not_rebooted_or_called_ignored(
+    site: SiteFactory,
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("antminer")[0]
+    await s.shard.inject_fault(ip, Fault.WRITE_AFTER_REBOOT, {})
+
+    async def nothing() -> None:
+        return None
+
+    async def reboot_itself(reads: int) -> None:
+        if reads == 1:  # answered once, unchanged; then restarts to apply what was saved
+            await s.shard.reboot(ip)
+
+    s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, nothing, reboot_itself)
+    await s.tamper(ip)
+    await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=1.0, verify_attempts=3))
+    await s.agent.poll_cycle()
+    failed = s.events("pool_write_failed", ip)
+    assert [e.data["cause"] for e in failed] == ["unreachable"]
+    assert failed[0].data["attempts"] == 3
+    ops = [(r["via"], r["op"]) for r in await s.writes(ip)]
+    assert [op for via, op in ops if op == "reboot" and via != "control"] == []  # not by us
+    pool_writes = [op for _, op in ops].count("pools")
+    assert pool_writes >= 1
+    for _ in range(10):  # it comes back on the approved pools: verified, not written again
+        await asyncio.sleep(0.5)
+        await s.agent.poll_cycle()
+        if s.events("pool_verified", ip):
+            break
+    [verified] = s.events("pool_verified", ip)
+    assert verified.data["after_reboot"] is False
+    assert s.true_pools(ip) == s.approved(ip)
+    assert [r["op"] for r in await s.writes(ip)].count("pools") == pool_writes  # no rewrite
+    assert [e.data["cause"] for e in s.events("pool_write_failed", ip)] == ["unreachable"]
+
+
+async def test_a_miner_quarantined_before_a_restart_is_woken_when_claimed(
+    site: SiteFactory, tmp_path: Path
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("whatsminer")[0]
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
+    await s.enforce(quarantine_unregistered=True)
+    await s.agent.poll_cycle()
+    assert s.shard.miner(ip).mode is Mode.SLEEP
+    record = tmp_path / "quarantine.json"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    [slept] = json.loads(record.read_text())["slept"]
+    assert slept["ip"] == ip and slept["machine_id"] == s.machines[ip].machine_id
+
+    # the agent restarts: a new FleetAgent over the same data_dir, with the stored policy
+    guard = PolicyGuard(s.key.public_key_b64(), tmp_path / "policy.json", site=SITE)
+    restarted = FleetAgent(s.agent.config, s.outbox, policy=guard, enforcer_settings=FAST)
+    assert (await restarted.discover()).identified == 8
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
+    assert await restarted.offer_policy(s.bundle(quarantine_unregistered=True))
+    await restarted.poll_cycle()
+    assert s.shard.miner(ip).mode is not Mode.SLEEP  # the simulator's true state
+    assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
+    assert json.loads(record.read_text())["slept"] == []
+    for other in set(s.ips()) - {ip}:
+        assert await s.writes(other) == []
+
+
+async def test_a_miner_quarantined_by_a_one_shot_run_is_woken_by_the_daemon(
+    site: SiteFactory,
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("antminer")[0]
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
+    await s.enforce(quarantine_unregistered=True)  # stored by the agent's guard
+    pinned = s.agent.config.controller.model_copy(update={"public_key": s.key.public_key_b64()})
+    config = s.agent.config.model_copy(update={"controller": pinned})
+    once = await enforce_once(config, {}, dry_run=False, settings=FAST)
+    assert once.result.counts["quarantined"] == 1
+    assert s.shard.miner(ip).mode is Mode.SLEEP
+
+    s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
+    await s.enforce(quarantine_unregistered=True)
+    await s.agent.poll_cycle()  # the daemon never slept it itself, yet wakes it
+    assert s.shard.miner(ip).mode is not Mode.SLEEP
+    released = [e for e in s.events("released") if str(e.ip) == ip]
+    assert len(released) == 1
