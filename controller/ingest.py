@@ -948,16 +948,31 @@ def _insert_history(conn: Connection, rows: list[tuple[Any, ...]]) -> list[tuple
     return [(pk, bucket) for pk, bucket in conn.execute(written)]
 
 
+def _history_returning_sql(conn: Connection) -> str:
+    global _HISTORY_RETURNING
+    if _HISTORY_RETURNING is None:
+        stmt = (
+            postgresql.insert(HISTORY)
+            .values({n: bindparam(n, type_=HISTORY.c[n].type) for n in _HISTORY_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["machine_pk", "bucket"])
+            .returning(HISTORY.c.machine_pk, HISTORY.c.bucket)
+        )
+        _HISTORY_RETURNING = stmt.compile(dialect=conn.dialect).string
+    return _HISTORY_RETURNING
+
+
+_HISTORY_RETURNING: str | None = None  # compiled once per process (PostgreSQL only)
+
+
 def _insert_history_returning(
     conn: Connection, rows: list[tuple[Any, ...]]
 ) -> list[tuple[int, int]]:
     """PostgreSQL: the insert itself names the rows it wrote (concurrent writers included)."""
-    bulk = _bulk(conn, HISTORY)
-    params = [dict(zip(bulk.names, row, strict=True)) for row in rows]
+    params = [dict(zip(_HISTORY_COLUMNS, row, strict=True)) for row in rows]
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     written: list[tuple[int, int]] = []
     try:
-        cursor.executemany(f"{bulk.sql} RETURNING machine_pk, bucket", params, returning=True)
+        cursor.executemany(_history_returning_sql(conn), params, returning=True)
         while True:
             written.extend((int(pk), int(bucket)) for pk, bucket in cursor.fetchall())
             if not cursor.nextset():

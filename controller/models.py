@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
@@ -261,15 +261,20 @@ class ObservationHistory(SQLModel, table=True):
     pools: list[dict[str, Any]] = _json(list)
 
 
-class ObservationDay(SQLModel, table=True):
-    """Per machine and UTC day, sums over its ``observation_history`` rows, kept at ingest
-    (``controller.history_rollup``): period averages read one row per machine-day instead
-    of every kept poll (288 a day at the default resolution)."""
+class ObservationSum(SQLModel, table=True):
+    """Sums over one machine's ``observation_history`` rows per UTC hour, day and week, kept
+    at ingest (``controller.history_rollup``): period averages read a few rows per machine
+    instead of every kept poll, 288 a day at the default resolution."""
 
-    __tablename__ = "observation_day"
+    __tablename__ = "observation_sum"
+    # SQLite: rows clustered by the key, so a machine's weeks (days, hours) are one run
+    __table_args__ = {"sqlite_with_rowid": False}
 
     machine_pk: int = Field(foreign_key="machine.id", primary_key=True)
-    day: int = Field(primary_key=True, description="UTC day number (days since 1970-01-01)")
+    span_s: int = Field(primary_key=True, description="3600, 86400 or 604800 (hour, day, week)")
+    start_s: int = Field(
+        sa_type=BigInteger, primary_key=True, description="the span's start, Unix seconds (UTC)"
+    )
     polls: int = Field(default=0, description="history rows")
     mining: int = Field(default=0, description="rows reachable and mining")
     hashrate_sum: float = Field(default=0.0, description="over reachable rows with a hashrate")

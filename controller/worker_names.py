@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping
+from functools import lru_cache
 
 DEFAULT_TEMPLATE = "{account}.{machine_id}"
 FIELDS = ("account", "machine_id", "serial", "site", "rack", "container", "shelf", "slot")
@@ -55,9 +56,25 @@ def render_worker(template: str, facts: Mapping[str, str | None]) -> str:
     """The worker for one machine. Characters a stratum user cannot carry become ``_``; a
     missing fact renders as ``x``, except an unreadable serial, which falls back to the
     machine id so that workers stay one per machine (Avalon keeps its serial on the label)."""
-    facts = dict(facts)
-    if not (facts.get("serial") or "").strip():
-        facts["serial"] = facts.get("machine_id")
-    values = {name: _UNSAFE.sub("_", (facts.get(name) or "x").strip() or "x") for name in FIELDS}
-    values["account"] = (facts.get("account") or "").strip() or "x"
+    values: dict[str, str] = {}
+    for name in _used_fields(template):  # only these: exports render 10^5 workers at once
+        if name == "account":
+            values[name] = (facts.get("account") or "").strip() or "x"
+            continue
+        value = facts.get(name)
+        if name == "serial" and not (value or "").strip():
+            value = facts.get("machine_id")
+        values[name] = _UNSAFE.sub("_", (value or "x").strip() or "x")
     return template.format_map(values)
+
+
+@lru_cache(maxsize=256)
+def _used_fields(template: str) -> tuple[str, ...]:
+    """The fields of :data:`FIELDS` that ``template`` names (an unknown one stays missing, so
+    ``format_map`` fails on it as it always did)."""
+    try:
+        parsed = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:
+        return FIELDS
+    used = {re.split(r"[.\[]", name, maxsplit=1)[0] for name in parsed}
+    return tuple(name for name in FIELDS if name in used)

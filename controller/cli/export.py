@@ -249,15 +249,19 @@ def verify_export_command(
         fail(str(exc), code=2)
     if as_json:
         manifest = result.manifest or {}
+        request = manifest.get("request")
+        listed = manifest.get("files")
         typer.echo(
             json.dumps(
                 {
                     "ok": result.ok,
                     "problems": result.problems,
                     "notes": result.notes,
-                    "kind": manifest.get("request", {}).get("kind"),
+                    "kind": request.get("kind") if isinstance(request, dict) else None,
                     "key_fingerprint": manifest.get("key_fingerprint"),
-                    "files": [f.get("name") for f in manifest.get("files", [])],
+                    "files": [f.get("name") for f in listed if isinstance(f, dict)]
+                    if isinstance(listed, list)
+                    else [],
                 },
                 indent=2,
             )
@@ -267,7 +271,8 @@ def verify_export_command(
             typer.echo(f"note: {note}", err=True)
         if result.ok:
             manifest = result.manifest or {}
-            files = len(manifest.get("files", []))
+            listed = manifest.get("files")
+            files = len(listed) if isinstance(listed, list) else 0
             typer.echo(
                 f"export intact: {files} file(s) match the manifest, signature valid "
                 f"(key {manifest.get('key_fingerprint')})"

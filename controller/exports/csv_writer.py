@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from controller.exports.i18n import Lang
 from controller.exports.table import Table, formatters
@@ -20,6 +21,24 @@ def write_csv(table: Table, lang: Lang, path: Path) -> int:
     with path.open("w", encoding="utf-8-sig", newline="") as handle:
         writer = csv.writer(handle, dialect="excel", lineterminator="\r\n")
         writer.writerow(table.header(lang))
-        fmts = formatters(table.columns, lang)
-        writer.writerows([f(v) for f, v in zip(fmts, row, strict=True)] for row in table.rows)
+        # Text cells go to the csv module as they are (it writes None as "" and anything
+        # else as str(), exactly like cell_text); only the other kinds are formatted.
+        width = len(table.columns)
+        typed = [
+            (i, f)
+            for i, (f, c) in enumerate(
+                zip(formatters(table.columns, lang), table.columns, strict=True)
+            )
+            if c.kind != "text"
+        ]
+
+        def cells(row: tuple[Any, ...]) -> list[Any]:
+            if len(row) != width:
+                raise ValueError(f"row has {len(row)} cells, the table {width} columns")
+            out = list(row)
+            for i, f in typed:
+                out[i] = f(out[i])
+            return out
+
+        writer.writerows(map(cells, table.rows))
     return len(table.rows)

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -171,11 +172,24 @@ def _zip_prefix(archive: zipfile.ZipFile) -> str:
     return ""
 
 
+UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+"""What a damaged zip or file raises while being read: a failed check, not a crash."""
+
+
 def verify_export(path: Path, public_key_b64: str | None = None) -> Verification:
     """Check signature, key, every file's hash and size, and that no file is missing or extra."""
-    source = _Source(path)
+    try:
+        source = _Source(path)
+    except UNREADABLE as exc:
+        failed = Verification()
+        failed.problems.append(f"{path}: unreadable export ({type(exc).__name__}: {exc})")
+        return failed
     try:
         return _verify(source, public_key_b64)
+    except UNREADABLE as exc:
+        failed = Verification()
+        failed.problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
+        return failed
     finally:
         source.close()
 
@@ -242,10 +256,14 @@ def _verify(source: _Source, pinned: str | None) -> Verification:
             continue
         digest = hashlib.sha256()
         size = 0
-        with source.open(name) as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        try:
+            with source.open(name) as handle:
+                while chunk := handle.read(_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except UNREADABLE as exc:
+            result.problems.append(f"{name}: unreadable ({type(exc).__name__}: {exc})")
+            continue
         if digest.hexdigest() != entry.get("sha256") or size != entry.get("bytes"):
             result.problems.append(
                 f"{name}: content changed (SHA-256 {digest.hexdigest()}, {size} bytes; "

@@ -10,33 +10,61 @@ hashrate and power average the reachable polls; operating hours are the polls th
 machine mining times the history resolution (one poll is kept per bucket, so this is exact
 to a bucket).
 
+Cost grows with machines, not with polls kept (288 a machine a day at 300 s): every
+per-machine read is an index seek driven from ``machine``, and the averages come from the
+hour and day sums of :mod:`controller.history_rollup`. Rows are fetched without SQLAlchemy's
+per-value processing and converted where used: a 100,000-machine register is millions of
+values.
+
 Not versioned (their current values are used): site names, owners and licence numbers, and
 the site's worker-name template.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    and_,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    type_coerce,
+)
+from sqlalchemy import Column as SqlColumn
 from sqlalchemy import Table as SqlTable
-from sqlalchemy import and_, case, func, or_, select, true
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.types import NullType
 from sqlmodel import Session, col
 from sqlmodel import select as orm_select
 
+from controller import history_rollup
 from controller.errors import NotFound
 from controller.exports.table import Column, Table
 from controller.models import (
     ComplianceInterval,
     LifecycleState,
+    Machine,
     MachineVersion,
     ObservationHistory,
+    ObservationSum,
     PoolSet,
     PoolSetStatus,
     Site,
@@ -45,6 +73,8 @@ from controller.models import (
 from controller.worker_names import DEFAULT_TEMPLATE, render_worker
 
 VERSION: SqlTable = MachineVersion.__table__  # type: ignore[attr-defined]
+MACHINE: SqlTable = Machine.__table__  # type: ignore[attr-defined]
+SUM: SqlTable = ObservationSum.__table__  # type: ignore[attr-defined]
 HISTORY: SqlTable = ObservationHistory.__table__  # type: ignore[attr-defined]
 INTERVAL: SqlTable = ComplianceInterval.__table__  # type: ignore[attr-defined]
 
@@ -144,6 +174,9 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _STATES = {key: state for state in LifecycleState for key in (state.name, state.value)}
 
 
+_STATE_VALUES = {key: state.value for key, state in _STATES.items()}
+
+
 def state_of(value: Any) -> LifecycleState:
     """Lifecycle states are stored by member name (``ACTIVE``); values are accepted too."""
     return _STATES[str(value)]
@@ -160,11 +193,9 @@ class RegisterQuery:
     model: str | None = None
 
 
-@dataclass(frozen=True)
-class Averages:
-    hashrate_ths: float | None
-    power_w: float | None
-    operating_hours: float
+Averages = tuple[float | None, float | None, float | None]
+"""Measured over the period: average hashrate and power, operating hours (a plain tuple:
+one per machine, 100,000s at once)."""
 
 
 @dataclass(frozen=True)
@@ -186,79 +217,177 @@ def build_register(session: Session, query: RegisterQuery, resolution_s: int) ->
     site_id: int | None = None
     if query.site is not None:
         site_id = site_named(sites, query.site).id
-    # The history scans run on a second connection meanwhile (SQLite releases the GIL while
-    # it works, so they use the other core); history before ``as_of`` is not rewritten.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        scans = pool.submit(_history_scans, conn.engine, query, resolution_s)
-        versions = list(_versions_as_of(conn, query, site_id))
-        statuses = statuses_as_of(conn, query.as_of) if versions else {}
-        checks, averages = scans.result()
     pool_sets = approved_sets_as_of(session, query.as_of)
     templates = _templates(session)
+    # The history is read on a second connection meanwhile, into temporary tables: one
+    # statement each, during which SQLite releases the GIL, so it runs on the other core
+    # (history before ``as_of`` is not rewritten). Fetching rows there instead would take
+    # the GIL for every row, and wait for it while this thread builds the rows.
+    with conn.engine.connect() as history, ThreadPoolExecutor(max_workers=1) as pool:
+        filled = pool.submit(_fill_history_tables, history, query)
+        versions = current_versions(conn, query, site_id)
+        statuses = statuses_as_of(conn, query.as_of) if versions else {}
+        heads, tails = _machine_parts(versions, sites, pool_sets, templates, statuses)
+        filled.result()
+        checks = _checks_from(history.execute(select(*map(_plain_column, _CHECKS_TMP.c))).all())
+        averages = _averages_from(history.execute(_SUMS_TOTAL).all(), resolution_s)
+        history.rollback()  # drops the temporary tables
+    no_average: Averages = (None, None, 0.0 if query.period else None)
+    no_check = (None, None)
     rows: list[tuple[Any, ...]] = []
-    for v in versions:
-        pk = v["machine_pk"]
-        site = sites.get(v["site_id"]) if v["site_id"] is not None else None
-        pool_set = pool_sets.get(v["site_id"]) if v["site_id"] is not None else None
-        check = checks.get(pk)
-        avg = averages.get(pk)
-        worker = None
-        if pool_set is not None:
-            worker = render_worker(
-                templates.get(v["site_id"], DEFAULT_TEMPLATE),
-                {
-                    "account": pool_set.account,
-                    "machine_id": v["machine_id"],
-                    "serial": v["label_serial"] or v["reported_serial"],
-                    "site": site.name if site else None,
-                    "container": v["container"],
-                    "rack": v["rack"],
-                    "shelf": v["shelf"],
-                    "slot": v["slot"],
-                },
-            )
-        flags = v["flags"] or []
-        rows.append(
+    append = rows.append
+    for pk, head, (pool_text, worker, status, *tail) in zip(
+        (v[0] for v in versions), heads, tails, strict=True
+    ):
+        avg = averages.get(pk, no_average)
+        at, pools = checks.get(pk, no_check)
+        append(
             (
-                v["machine_id"],
-                v["vendor"],
-                v["model"],
-                v["label_serial"],
-                v["reported_serial"],
-                SERIAL_MISMATCH_FLAG in flags,
-                v["control_board_serial"],
-                list(v["hashboard_serials"] or []),
-                v["psu_serial"],
-                v["mac"],
-                v["firmware"],
-                v["firmware_version"],
-                site.owner_name if site else None,
-                site.licence_number if site else None,
-                site.name if site else None,
-                v["container"],
-                v["rack"],
-                v["shelf"],
-                v["slot"],
-                v["current_ip"],
-                v["nominal_ths"],
-                v["nominal_w"],
-                avg.hashrate_ths if avg else None,
-                avg.power_w if avg else None,
-                avg.operating_hours if avg else (0.0 if query.period else None),
-                pool_set.text if pool_set else None,
-                pools_text(check[1]) if check else None,
+                *head,
+                *avg,  # hashrate, power, operating hours
+                pool_text,
+                pools,
                 worker,
-                statuses.get(pk, "unknown"),
-                check[0] if check else None,
-                state_of(v["lifecycle_state"]).value,
-                v["state_since"],
-                v["commissioned_at"],
-                v["decommissioned_at"],
-                v["record_version"],
+                status,
+                at,
+                *tail,
             )
         )
     rows.sort(key=_location_key)
     return Table(name="register", sheet="sheet.register", columns=COLUMNS, rows=rows, parts=PARTS)
+
+
+def _machine_parts(
+    versions: list[tuple[Any, ...]],
+    sites: dict[int, Site],
+    pool_sets: dict[int, PoolSetView],
+    templates: dict[int, str],
+    statuses: dict[int, str],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Each row's cells before and after the measured ones (averages, configured pools), built
+    while the history is still being read."""
+    heads: list[tuple[Any, ...]] = []
+    tails: list[tuple[Any, ...]] = []
+    # plain values, not ORM attributes, in the loop: (name, owner, licence) and the set's text
+    site_facts = {pk: (s.name, s.owner_name, s.licence_number) for pk, s in sites.items()}
+    set_facts = {pk: (p.account, p.text) for pk, p in pool_sets.items()}
+    no_site: tuple[Any, ...] = (None, None, None)
+    for (
+        pk,
+        machine_id,
+        label_serial,
+        reported_serial,
+        board_serial,
+        vendor,
+        model,
+        firmware,
+        firmware_version,
+        mac,
+        hashboards,
+        psu_serial,
+        site_pk,
+        container,
+        rack,
+        shelf,
+        slot,
+        ip,
+        nominal_ths,
+        nominal_w,
+        state,
+        state_since,
+        commissioned_at,
+        decommissioned_at,
+        record_version,
+        flags,
+    ) in versions:
+        site_name, owner, licence = site_facts.get(site_pk, no_site)
+        account, set_text = set_facts.get(site_pk, no_site[:2])
+        worker = None
+        if account is not None:
+            worker = render_worker(
+                templates.get(site_pk, DEFAULT_TEMPLATE),
+                {
+                    "account": account,
+                    "machine_id": machine_id,
+                    "serial": label_serial or reported_serial,
+                    "site": site_name,
+                    "container": container,
+                    "rack": rack,
+                    "shelf": shelf,
+                    "slot": slot,
+                },
+            )
+        heads.append(
+            (
+                machine_id,
+                vendor,
+                model,
+                label_serial,
+                reported_serial,
+                SERIAL_MISMATCH_FLAG in _json_list(flags),
+                board_serial,
+                _json_list(hashboards),
+                psu_serial,
+                mac,
+                firmware,
+                firmware_version,
+                owner,
+                licence,
+                site_name,
+                container,
+                rack,
+                shelf,
+                slot,
+                ip,
+                nominal_ths,
+                nominal_w,
+            )
+        )
+        tails.append(
+            (
+                set_text,
+                worker,
+                statuses.get(pk, "unknown"),
+                _STATE_VALUES[str(state)],
+                _utc(state_since),
+                _utc(commissioned_at),
+                _utc(decommissioned_at),
+                record_version,
+            )
+        )
+    return heads, tails
+
+
+def _utc(value: Any) -> datetime | None:
+    """A stored time as an aware UTC datetime: SQLite hands back its text form (UTC), and
+    PostgreSQL a datetime (see :func:`_plain_column`)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return datetime.fromisoformat(value + "+00:00")  # the UTC singleton as tzinfo
+    return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+_JSON = json.JSONDecoder()
+
+
+def _json_list(value: Any) -> list[Any]:
+    """A stored JSON list: text on SQLite, already decoded on PostgreSQL."""
+    if value is None or value == "[]":
+        return []
+    if isinstance(value, str):
+        try:
+            decoded = _JSON.raw_decode(value)[0]  # 3x json.loads, for text json.dumps wrote
+        except ValueError:
+            decoded = json.loads(value)
+        return decoded if isinstance(decoded, list) else []
+    return list(value)
+
+
+def _plain_column(column: Any) -> Any:
+    """The column without SQLAlchemy's per-value result processing (100,000s of values):
+    the driver's value is converted where it is used (:func:`_utc`, :func:`_json_list`)."""
+    return type_coerce(column, NullType()).label(column.name)
 
 
 def register_totals(table: Table) -> list[tuple[str, Any]]:
@@ -276,13 +405,40 @@ def register_totals(table: Table) -> list[tuple[str, Any]]:
 # --- queries -----------------------------------------------------------------------------------
 
 
-def _history_scans(
-    engine: Engine, query: RegisterQuery, resolution_s: int
-) -> tuple[dict[int, tuple[datetime, list[Any]]], dict[int, Averages]]:
-    with engine.connect() as conn:
-        checks = last_checks(conn, query.as_of)
-        averages = measured_averages(conn, query.period, resolution_s)
-    return checks, averages
+_TMP = MetaData()
+_CHECKS_TMP = SqlTable(
+    "export_last_check",
+    _TMP,
+    SqlColumn("machine_pk", Integer),
+    SqlColumn("observed_at", DateTime(timezone=True)),
+    SqlColumn("pools", JSON),
+    prefixes=["TEMPORARY"],
+)
+_SUMS_TMP = SqlTable(
+    "export_period_sum",
+    _TMP,
+    SqlColumn("machine_pk", Integer),
+    *(SqlColumn(name, Float if name.endswith("_sum") else Integer) for name in history_rollup.SUMS),
+    prefixes=["TEMPORARY"],
+)
+_SUMS_TOTAL = select(
+    _SUMS_TMP.c.machine_pk, *(func.sum(_SUMS_TMP.c[name]) for name in history_rollup.SUMS)
+).group_by(_SUMS_TMP.c.machine_pk)
+
+
+def _fill_history_tables(conn: Connection, query: RegisterQuery) -> None:
+    """Last pool checks and the period's sums per machine, into temporary tables of ``conn``
+    (gone when its transaction ends)."""
+    _TMP.create_all(conn)
+    conn.execute(
+        insert(_CHECKS_TMP).from_select(
+            ["machine_pk", "observed_at", "pools"], _last_check_query(query.as_of)
+        )
+    )
+    if query.period is not None:
+        columns = ["machine_pk", *history_rollup.SUMS]
+        for stmt in _period_sum_queries(query.period):
+            conn.execute(insert(_SUMS_TMP).from_select(columns, stmt))
 
 
 def _sites(session: Session) -> dict[int, Site]:
@@ -301,7 +457,7 @@ def _templates(session: Session) -> dict[int, str]:
 
 
 def versions_as_of(conn: Connection, as_of: datetime) -> Any:
-    """A subquery: the newest version of each machine valid at ``as_of``."""
+    """A subquery: every version valid at ``as_of``, ``rn == 1`` for each machine's newest."""
     ranked = select(
         VERSION,
         func.row_number()
@@ -314,35 +470,99 @@ def versions_as_of(conn: Connection, as_of: datetime) -> Any:
     return ranked.subquery("current")
 
 
-def _versions_as_of(
+_VERSION_FIELDS = (
+    "machine_pk",
+    "machine_id",
+    "label_serial",
+    "reported_serial",
+    "control_board_serial",
+    "vendor",
+    "model",
+    "firmware",
+    "firmware_version",
+    "mac",
+    "hashboard_serials",
+    "psu_serial",
+    "site_id",
+    "container",
+    "rack",
+    "shelf",
+    "slot",
+    "current_ip",
+    "nominal_ths",
+    "nominal_w",
+    "lifecycle_state",
+    "state_since",
+    "commissioned_at",
+    "decommissioned_at",
+    "record_version",
+    "flags",
+)
+_V_SITE = _VERSION_FIELDS.index("site_id")
+_V_FLAGS = _VERSION_FIELDS.index("flags")
+
+
+def newest_version_id(as_of: datetime) -> Any:
+    """Per ``machine`` row (correlated): the id of its newest version valid at ``as_of``.
+
+    One index seek per machine on ``(machine_pk, valid_from)``, instead of ranking every
+    version of every machine.
+    """
+    return (
+        select(VERSION.c.id)
+        .where(VERSION.c.machine_pk == MACHINE.c.id, VERSION.c.valid_from <= as_of)
+        .order_by(VERSION.c.valid_from.desc(), VERSION.c.id.desc())
+        .limit(1)
+        .correlate(MACHINE)
+        .scalar_subquery()
+    )
+
+
+def current_versions(
     conn: Connection, query: RegisterQuery, site_id: int | None
-) -> Iterable[dict[str, Any]]:
-    current = versions_as_of(conn, query.as_of)
-    conditions = [current.c.rn == 1]
+) -> list[tuple[Any, ...]]:
+    """Each machine's newest version valid at ``as_of`` that passes the filters, as tuples
+    in :data:`_VERSION_FIELDS` order."""
+    newest = select(newest_version_id(query.as_of)).select_from(MACHINE)
+    conditions: list[ColumnElement[bool]] = [VERSION.c.id.in_(newest)]
     if site_id is not None:
-        conditions.append(current.c.site_id == site_id)
+        conditions.append(VERSION.c.site_id == site_id)
     if query.state is not None:
-        conditions.append(current.c.lifecycle_state.in_([query.state.name, query.state.value]))
+        conditions.append(VERSION.c.lifecycle_state.in_([query.state.name, query.state.value]))
     if query.model is not None:
-        conditions.append(current.c.model == query.model)
-    stmt = select(current).where(*conditions)
-    for row in conn.execute(stmt).mappings():
-        yield dict(row)
+        conditions.append(VERSION.c.model == query.model)
+    stmt = select(*(_plain_column(VERSION.c[name]) for name in _VERSION_FIELDS)).where(*conditions)
+    return list(conn.execute(stmt).tuples().all())
 
 
-def last_checks(conn: Connection, as_of: datetime) -> dict[int, tuple[datetime, list[Any]]]:
-    """Per machine: the time and pools of its newest successful poll at or before ``as_of``."""
+def last_checks(conn: Connection, as_of: datetime) -> dict[int, tuple[datetime | None, str]]:
+    """Per machine: the time and pools (as text) of its newest successful poll at or before
+    ``as_of``."""
+    return _checks_from(conn.execute(_last_check_query(as_of)).all())
+
+
+def _last_check_query(as_of: datetime) -> Any:
+    """One backward index seek per machine on ``(machine_pk, observed_at)``: the cost does
+    not grow with the amount of history kept."""
     newest = (
-        select(HISTORY.c.machine_pk, func.max(HISTORY.c.bucket).label("bucket"))
-        .where(HISTORY.c.observed_at <= as_of, HISTORY.c.reachable == true())
-        .group_by(HISTORY.c.machine_pk)
-        .subquery("newest")
+        select(HISTORY.c.id)
+        .where(
+            HISTORY.c.machine_pk == MACHINE.c.id,
+            HISTORY.c.observed_at <= as_of,
+            HISTORY.c.reachable == true(),
+        )
+        .order_by(HISTORY.c.observed_at.desc(), HISTORY.c.id.desc())
+        .limit(1)
+        .correlate(MACHINE)
+        .scalar_subquery()
     )
-    stmt = select(HISTORY.c.machine_pk, HISTORY.c.observed_at, HISTORY.c.pools).join(
-        newest,
-        and_(HISTORY.c.machine_pk == newest.c.machine_pk, HISTORY.c.bucket == newest.c.bucket),
-    )
-    return {pk: (at, pools or []) for pk, at, pools in conn.execute(stmt)}
+    return select(
+        HISTORY.c.machine_pk, _plain_column(HISTORY.c.observed_at), _plain_column(HISTORY.c.pools)
+    ).where(HISTORY.c.id.in_(select(newest).select_from(MACHINE)))
+
+
+def _checks_from(rows: Iterable[Any]) -> dict[int, tuple[datetime | None, str]]:
+    return {pk: (_utc(at), pools_text(_json_list(pools))) for pk, at, pools in rows}
 
 
 def statuses_as_of(conn: Connection, as_of: datetime) -> dict[int, str]:
@@ -358,30 +578,92 @@ def measured_averages(
     conn: Connection, period: tuple[datetime, datetime] | None, resolution_s: int
 ) -> dict[int, Averages]:
     """Per machine over ``[start, end)``: average hashrate and power, operating hours."""
-    if period is None:
-        return {}
-    start, end = period
-    up = HISTORY.c.reachable == true()
-    mining = case((and_(up, HISTORY.c.is_mining == true()), 1), else_=0)
-    stmt = (
-        select(
-            HISTORY.c.machine_pk,
-            func.avg(case((up, HISTORY.c.hashrate_ths), else_=None)),
-            func.avg(case((up, HISTORY.c.power_w), else_=None)),
-            func.sum(mining),
-        )
-        .where(HISTORY.c.observed_at >= start, HISTORY.c.observed_at < end)
-        .group_by(HISTORY.c.machine_pk)
-    )
+    totals: dict[int, list[Any]] = {}
+    for stmt in _period_sum_queries(period) if period else []:
+        _add_sums(totals, conn.execute(stmt))
+    return _averages_from(([pk, *sums] for pk, sums in totals.items()), resolution_s)
+
+
+def _period_sum_queries(period: tuple[datetime, datetime]) -> list[Any]:
+    """Per machine, sums over the period: whole weeks, days and hours from their sums
+    (``observation_sum``), in one pass over the machines, and what is left of an hour at an
+    edge from the raw polls."""
+    pieces = history_rollup.split_period(*period)
+    spans = [p for p in pieces if p.span is not None]
+    queries = [_span_sums(spans)] if spans else []
+    return queries + [_raw_sums(p) for p in pieces if p.span is None]
+
+
+def _averages_from(rows: Iterable[Any], resolution_s: int) -> dict[int, Averages]:
     hours = resolution_s / 3600.0
     return {
-        pk: Averages(
-            hashrate_ths=float(hr) if hr is not None else None,
-            power_w=float(pw) if pw is not None else None,
-            operating_hours=round(float(n or 0) * hours, 2),
+        pk: (
+            hr / hr_n if hr_n else None,
+            pw / pw_n if pw_n else None,
+            round((mining or 0) * hours, 2),
         )
-        for pk, hr, pw, n in conn.execute(stmt)
+        for pk, _polls, mining, hr, hr_n, pw, pw_n in rows
     }
+
+
+_SPAN_SUMS = """
+SELECT m.id, {sums}
+FROM machine AS m
+CROSS JOIN ({ranges}) AS r
+JOIN observation_sum AS s
+  ON s.machine_pk = m.id AND s.span_s = r.span_s AND s.start_s >= r.since
+  AND s.start_s < r.until
+GROUP BY m.id
+"""
+"""Machines outside (``CROSS JOIN`` fixes that order on SQLite), so each machine reads one
+range of its own sums per piece: one pass over the machines for all the pieces."""
+
+
+def _span_sums(pieces: list[history_rollup.Piece]) -> Any:
+    ranges = " UNION ALL ".join(
+        f"SELECT CAST(:span{i} AS BIGINT) AS span_s, CAST(:since{i} AS BIGINT) AS since, "
+        f"CAST(:until{i} AS BIGINT) AS until"
+        for i in range(len(pieces))
+    )
+    params: dict[str, int] = {}
+    for i, piece in enumerate(pieces):
+        assert piece.span is not None
+        params[f"span{i}"] = piece.span
+        params[f"since{i}"] = history_rollup.seconds(piece.since)
+        params[f"until{i}"] = history_rollup.seconds(piece.until)
+    sums = ", ".join(f"sum(s.{name})" for name in history_rollup.SUMS)
+    sql = _SPAN_SUMS.format(sums=sums, ranges=ranges)
+    return (
+        text(sql)
+        .bindparams(**params)
+        .columns(SqlColumn("id", Integer), *(_SUMS_TMP.c[n].copy() for n in history_rollup.SUMS))
+    )
+
+
+def _raw_sums(piece: history_rollup.Piece) -> Any:
+    """Per machine, sums over the raw polls of a piece (machines outside, grouped by
+    ``machine.id``, so each reads one range of its own index entries)."""
+    inside = and_(
+        HISTORY.c.machine_pk == MACHINE.c.id,
+        HISTORY.c.observed_at >= piece.since,
+        HISTORY.c.observed_at < piece.until,
+    )
+    return (
+        select(MACHINE.c.id, *history_rollup.sum_columns())
+        .select_from(MACHINE)
+        .join(HISTORY, inside)
+        .group_by(MACHINE.c.id)
+    )
+
+
+def _add_sums(totals: dict[int, list[Any]], rows: Iterable[Any]) -> None:
+    for pk, *values in rows:
+        acc = totals.get(pk)
+        if acc is None:
+            totals[pk] = [v or 0 for v in values]
+        else:
+            for i, v in enumerate(values):
+                acc[i] += v or 0
 
 
 def approved_sets_as_of(session: Session, as_of: datetime) -> dict[int, PoolSetView]:
@@ -413,17 +695,23 @@ def pools_text(pools: list[Any]) -> str:
 _DIGITS = re.compile(r"(\d+)")
 
 
+@lru_cache(maxsize=65_536)
 def _natural(text: str | None) -> tuple[Any, ...]:
-    """``R2`` before ``R10``."""
+    """``R2`` before ``R10`` (cached: a farm has few distinct containers, racks, slots)."""
     return tuple(int(p) if p.isdigit() else p for p in _DIGITS.split(text or ""))
+
+
+_SITE, _CONTAINER, _RACK, _SHELF, _SLOT, _MACHINE_ID = (
+    INDEX[k] for k in ("site", "container", "rack", "shelf", "slot", "machine_id")
+)
 
 
 def _location_key(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return (
-        row[INDEX["site"]] or "",
-        _natural(row[INDEX["container"]]),
-        _natural(row[INDEX["rack"]]),
-        _natural(row[INDEX["shelf"]]),
-        _natural(row[INDEX["slot"]]),
-        row[INDEX["machine_id"]],
+        row[_SITE] or "",
+        _natural(row[_CONTAINER]),
+        _natural(row[_RACK]),
+        _natural(row[_SHELF]),
+        _natural(row[_SLOT]),
+        row[_MACHINE_ID],
     )

@@ -90,7 +90,7 @@ def cell_text(value: Any, kind: Kind, lang: Lang) -> str:
     if kind == "bool":
         return label("yes" if value else "no", lang)
     if kind == "list":
-        return "; ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+        return "; ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
     if kind in ("state", "status", "outcome"):
         return value_label(kind, str(value), lang)
     return str(value)
@@ -115,6 +115,12 @@ def formatters(columns: Sequence[Column], lang: Lang) -> list[Formatter]:
             out.append(_plain)
         elif kind in DECIMALS:
             out.append(_number(f".{DECIMALS[kind]}f"))
+        elif kind == "datetime":
+            out.append(_datetime)
+        elif kind in ("bool", "int", "state", "status", "outcome"):
+            out.append(_memo(kind, lang))
+        elif kind == "list":
+            out.append(_list)
         else:
             out.append(_generic(kind, lang))
     return out
@@ -123,6 +129,34 @@ def formatters(columns: Sequence[Column], lang: Lang) -> list[Formatter]:
 def _number(spec: str) -> Formatter:
     def fmt(value: Any) -> str:
         return "" if value is None else format(float(value), spec)
+
+    return fmt
+
+
+def _datetime(value: Any) -> str:
+    """:func:`utc_text`; a UTC datetime takes C's ``isoformat`` rather than ``strftime``."""
+    if value is None:
+        return ""
+    if value.__class__ is datetime and value.tzinfo is UTC:
+        return value.isoformat(timespec="seconds")[:19] + "Z"
+    return cell_text(value, "datetime", "en")
+
+
+def _list(value: Any) -> str:
+    if value.__class__ is list:
+        return "; ".join(map(str, value))
+    return cell_text(value, "list", "en")
+
+
+def _memo(kind: Kind, lang: Lang) -> Formatter:
+    """Few distinct values (yes/no, states, statuses, record versions): each is worded once."""
+    seen: dict[Any, str] = {}
+
+    def fmt(value: Any) -> str:
+        text = seen.get(value)
+        if text is None:
+            text = seen[value] = cell_text(value, kind, lang)
+        return text
 
     return fmt
 

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from contract import IdentityRecord, ReportBatch
-from controller import register
+from controller import history_rollup, register
 from controller.actors import ConsoleActor
 from controller.api.deps import Principal
 from controller.exports import pdf_writer
@@ -44,6 +44,7 @@ from controller.models import (
     LifecycleState,
     Machine,
     ObservationHistory,
+    ObservationSum,
     PoolSet,
     PoolSetStatus,
     Segment,
@@ -280,6 +281,8 @@ def history(engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch)
             ]
         )  # fmt: skip
         session.commit()
+    with engine.begin() as conn:  # the day sums, as ingest would have kept them
+        history_rollup.rebuild(conn)
     return ids
 
 
@@ -540,6 +543,114 @@ def test_register_filters_and_russian(
     assert openpyxl.load_workbook(out / "register.xlsx").sheetnames == ["Сводка", "Реестр"]
 
 
+MEASURED = ["avg_hashrate_ths", "avg_power_w", "operating_hours"]
+
+
+@pytest.mark.parametrize(
+    ("period", "measured"),
+    [
+        # edges inside an hour: raw polls at both ends, hour sums, day sums between
+        (
+            "2026-10-11T00:03Z..2026-10-20T00:00:30Z",
+            {"A": ["55.00", "1650", "0.08"], "B": ["", "", "0.00"], "C": ["", "", "0.00"]},
+        ),
+        # local days (+05:00): whole hours at the start, a raw quarter-hour at the end
+        (
+            "2026-10-05T17:00+05:00..2026-10-11T05:04+05:00",
+            {
+                "A": ["100.00", "3000", "0.08"],
+                "B": ["", "", "0.00"],
+                "C": ["95.50", "3250", "0.08"],
+            },
+        ),
+    ],
+)
+def test_register_averages_for_periods_not_on_day_boundaries(
+    cli: CliInvoker,
+    history: dict[str, str],
+    tmp_path: Path,
+    period: str,
+    measured: dict[str, list[str]],
+) -> None:
+    """A period edge inside a day is read from hour sums and raw polls, to the poll."""
+    out = tmp_path / "register"
+    export(cli, "register", "--as-of", AS_OF_2, "--period", period, "--format", "csv",
+           "--out", str(out))  # fmt: skip
+    _, rows = read_csv(out / "register.csv")
+    at = [REGISTER_KEYS.index(k) for k in MEASURED]
+    got = {row[0]: [row[i] for i in at] for row in rows}
+    assert got == {history[k]: v for k, v in (measured | {"D": ["", "", "0.00"]}).items()}
+    # everything else is what the whole-month export says
+    month = {r["machine_id"]: r for r in expected_register(history, AS_OF_2)}
+    for row in rows:
+        other = [row[i] for i, k in enumerate(REGISTER_KEYS) if k not in MEASURED]
+        assert other == [month[row[0]][k] for k in REGISTER_KEYS if k not in MEASURED]
+
+
+def observation(ip: str, at: str, **kw: Any) -> dict[str, Any]:
+    return {"ip": ip, "observed_at": t(at), **kw}
+
+
+def test_ingest_keeps_the_hour_and_day_sums_equal_to_the_raw_history(
+    engine: Engine, settings: Settings
+) -> None:
+    """Out-of-order polls, a poll into a bucket already kept, and a replayed batch: the sums
+    kept at ingest equal the sums recomputed from the raw history rows."""
+    with Session(engine) as session:
+        site = Site(name="north", licence_number="KZ-1", owner_name="o")
+        session.add(site)
+        session.flush()
+        assert site.id is not None
+        session.add(Agent(id="AGSUMS", name="a", site_id=site.id, secret_hash="x"))
+        session.flush()
+        session.add(Segment(site_id=site.id, cidr="127.0.30.0/24", agent_id="AGSUMS"))
+        session.commit()
+        site_id = site.id
+    agent = Principal(kind="agent", name="agent:a", agent_id="AGSUMS", site_id=site_id,
+                      source="test")  # fmt: skip
+    ingest(engine, settings, agent, 1,
+           identity("127.0.30.1", "SX-1", "aa:00:00:00:30:01", "CB1", at=t("2026-10-10T23:00")),
+           identity("127.0.30.2", "SX-2", "aa:00:00:00:30:02", "CB2", at=t("2026-10-10T23:00")))  # fmt: skip
+    up = {"reachable": True, "is_mining": True}
+    batches = [
+        [observation("127.0.30.1", "2026-10-10T23:58", hashrate_ths=100.0, power_w=3000.0, **up),
+         observation("127.0.30.1", "2026-10-11T00:10", hashrate_ths=90.0, power_w=2900.0, **up),
+         observation("127.0.30.2", "2026-10-11T00:00", reachable=False, error="timeout"),
+         observation("127.0.30.2", "2026-10-11T01:02", reachable=True, is_mining=False,
+                     hashrate_ths=0.0, power_w=150.0)],
+        # 00:01 falls in the bucket of 00:00 for .2 (kept already: dropped, not counted);
+        # 00:04 for .1 is older than its latest poll but in a new bucket (kept and counted)
+        [observation("127.0.30.2", "2026-10-11T00:01", hashrate_ths=500.0, power_w=9000.0, **up),
+         observation("127.0.30.1", "2026-10-11T00:04", hashrate_ths=80.0, **up),
+         observation("127.0.30.1", "2026-10-11T00:11", hashrate_ths=1.0, power_w=1.0, **up),
+         observation("127.0.30.1", "2026-10-12T00:00", hashrate_ths=70.0, power_w=2800.0, **up)],
+    ]  # fmt: skip
+    for seq, items in enumerate(batches, start=2):
+        batch = ReportBatch(batch_id=uuid.uuid4(), agent_clock=t("2026-10-12T00:00"),
+                            sequence=seq, observations=items)  # fmt: skip
+        for _ in range(2):  # delivered twice: the second is a duplicate and adds nothing
+            with Session(engine) as session:
+                ingest_batch(session, agent, batch, settings, now=t("2026-10-12T00:01"))
+
+    def stored() -> dict[tuple[int, int, int], tuple[Any, ...]]:
+        with engine.connect() as conn:
+            rows = conn.execute(select(ObservationSum)).all()
+        return {(r.machine_pk, r.span_s, r.start_s): tuple(r)[3:] for r in rows}
+
+    kept = stored()
+    with engine.begin() as conn:
+        history_rollup.rebuild(conn)
+    assert kept == stored()
+    with Session(engine) as session:
+        pks = {m.reported_serial: m.id for m in session.exec(select(Machine))}
+    day = int(t("2026-10-11T00:00").timestamp())
+    # .1 on 11 Oct: 00:04, 00:10 (00:11 shares 00:10's bucket); .2: 00:00 (down) and 01:02
+    assert kept[(pks["SX-1"], 86400, day)] == (2, 2, 170.0, 2, 2900.0, 1)
+    assert kept[(pks["SX-2"], 86400, day)] == (2, 0, 0.0, 1, 150.0, 1)
+    assert kept[(pks["SX-2"], 3600, day)] == (1, 0, 0.0, 0, 0.0, 0)
+    assert kept[(pks["SX-1"], 3600, day - 3600)] == (1, 1, 100.0, 1, 3000.0, 1)
+
+
 def test_compliance_report_for_a_period(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
@@ -700,6 +811,23 @@ def test_tampering_fails_verification(
                 data = data.replace(b"north", b"nortH", 1)
             dst.writestr(item, data)
     assert cli_verify(tmp_path / "bad.zip", "--public-key", str(key)).exit_code == 1
+
+    # the zip file itself, one raw byte flipped (a damaged CRC, not a clean rewrite)
+    raw = bytearray((tmp_path / "export.zip").read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    (tmp_path / "flipped.zip").write_bytes(bytes(raw))
+    flipped = cli_verify(tmp_path / "flipped.zip", "--public-key", str(key))
+    assert flipped.exit_code == 1 and isinstance(flipped.exception, SystemExit), flipped.output
+    assert "unreadable" in flipped.output or "content changed" in flipped.output
+
+    # a manifest whose fields have the wrong types: a failed check in --json, not a crash
+    case = fresh_copy(out, tmp_path / "types")
+    odd = json.loads((case / "manifest.json").read_text())
+    odd["request"], odd["files"] = "register", {"name": "register.csv"}
+    (case / "manifest.json").write_text(json.dumps(odd))
+    typed = cli_verify(case, "--public-key", str(key), "--json")
+    assert typed.exit_code == 1 and isinstance(typed.exception, SystemExit), typed.output
+    assert json.loads(typed.stdout)["ok"] is False
 
     # usage errors: exit 2
     assert cli_verify(tmp_path / "nowhere").exit_code == 2

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-25 16:59:27.834924
+Create Date: 2026-11-25 17:35:05.262107
 """
 
 from __future__ import annotations
@@ -204,9 +204,10 @@ def upgrade() -> None:
         )
 
     op.create_table(
-        "observation_day",
+        "observation_sum",
         sa.Column("machine_pk", sa.Integer(), nullable=False),
-        sa.Column("day", sa.Integer(), nullable=False),
+        sa.Column("span_s", sa.Integer(), nullable=False),
+        sa.Column("start_s", sa.BigInteger(), nullable=False),
         sa.Column("polls", sa.Integer(), nullable=False),
         sa.Column("mining", sa.Integer(), nullable=False),
         sa.Column("hashrate_sum", sa.Float(), nullable=False),
@@ -217,7 +218,8 @@ def upgrade() -> None:
             ["machine_pk"],
             ["machine.id"],
         ),
-        sa.PrimaryKeyConstraint("machine_pk", "day"),
+        sa.PrimaryKeyConstraint("machine_pk", "span_s", "start_s"),
+        sqlite_with_rowid=False,
     )
     with op.batch_alter_table("observation_history", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_observation_history_machine_pk"))
@@ -236,7 +238,7 @@ def downgrade() -> None:
             batch_op.f("ix_observation_history_machine_pk"), ["machine_pk"], unique=False
         )
 
-    op.drop_table("observation_day")
+    op.drop_table("observation_sum")
     with op.batch_alter_table("machine_version", schema=None) as batch_op:
         batch_op.drop_index("ix_machine_version_machine_valid")
 
