@@ -25,6 +25,7 @@ from controller.api.deps import Principal, SettingsDep, get_engine, require_role
 from controller.cli.export import parse_period, parse_time
 from controller.db import session_scope
 from controller.errors import ControllerError
+from controller.exports.compliance_report import DEFAULT_REPEAT_THRESHOLD
 from controller.exports.i18n import Lang
 from controller.exports.service import ExportKind, ExportRequest, run_export, zip_folder
 from controller.models import LifecycleState, Role, utcnow
@@ -54,7 +55,7 @@ class ExportBody(BaseModel):
     site: str | None = Field(default=None, max_length=128)
     state: LifecycleState | None = None
     model: str | None = Field(default=None, max_length=128)
-    repeat_threshold: int = Field(default=2, ge=1, le=1000)
+    repeat_threshold: int = Field(default=DEFAULT_REPEAT_THRESHOLD, ge=1, le=1000)
 
 
 class ExportJob(BaseModel):

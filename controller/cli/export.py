@@ -16,6 +16,7 @@ from controller.actors import cli_actor
 from controller.cli.context import context, fail
 from controller.db import session_scope
 from controller.errors import ControllerError, NotFound
+from controller.exports.compliance_report import DEFAULT_REPEAT_THRESHOLD
 from controller.exports.i18n import LANGS, Lang
 from controller.exports.manifest import UsageError, load_public_key, verify_export
 from controller.exports.service import (
@@ -167,8 +168,13 @@ def register(app: typer.Typer) -> None:
         lang: LangOpt = "en",
         site: SiteOpt = None,
         repeat_threshold: Annotated[
-            int, typer.Option("--repeat-threshold", help="Incidents that make a repeat offender.")
-        ] = 2,
+            int,
+            typer.Option(
+                "--repeat-threshold",
+                help="Incidents within the period that make a repeat offender (the controller's "
+                "live flag uses the same count within 24 h).",
+            ),
+        ] = DEFAULT_REPEAT_THRESHOLD,
         make_zip: ZipOpt = False,
     ) -> None:
         """Pool compliance per machine, per site and for the fleet over --period."""

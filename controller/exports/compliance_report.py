@@ -38,7 +38,8 @@ INTERVAL: SqlTable = ComplianceInterval.__table__  # type: ignore[attr-defined]
 INCIDENT: SqlTable = DriftIncident.__table__  # type: ignore[attr-defined]
 
 STATUSES = ("compliant", "non_compliant", "unknown", "exempt")
-DEFAULT_REPEAT_THRESHOLD = 2
+DEFAULT_REPEAT_THRESHOLD = 3
+"""The same count as the controller's live flag (``compliance_repeat_incidents``)."""
 
 MACHINE_COLUMNS: tuple[Column, ...] = (
     Column("machine_id", "text", 11),

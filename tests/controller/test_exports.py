@@ -655,7 +655,7 @@ def test_compliance_report_for_a_period(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "compliance"
-    export(cli, "compliance", "--period", PERIOD, "--out", str(out))
+    export(cli, "compliance", "--period", PERIOD, "--repeat-threshold", "2", "--out", str(out))
     machines, incidents, sites = expected_compliance(history)
     header, rows = read_csv(out / "compliance_machines.csv")
     assert len(header) == len(MACHINE_KEYS)
