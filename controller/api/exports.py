@@ -20,6 +20,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from controller.api.deps import Principal, SettingsDep, get_engine, require_roles
 from controller.cli.export import parse_period, parse_time
@@ -28,7 +29,7 @@ from controller.errors import ControllerError
 from controller.exports.compliance_report import DEFAULT_REPEAT_THRESHOLD
 from controller.exports.i18n import Lang
 from controller.exports.service import ExportKind, ExportRequest, run_export, zip_folder
-from controller.models import LifecycleState, Role, utcnow
+from controller.models import LifecycleState, Role, Site, utcnow
 from controller.settings import Settings
 from controller.signing import load_or_create
 
@@ -164,6 +165,12 @@ def create_export(
     problems = request.problems()
     if problems:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="; ".join(problems))
+    if request.site is not None:
+        with Session(engine) as session:
+            if session.exec(select(Site.id).where(Site.name == request.site)).first() is None:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"no site {request.site!r}"
+                )
     job = ExportJob(
         id=secrets.token_hex(12),
         status="queued",

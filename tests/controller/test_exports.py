@@ -931,6 +931,8 @@ def test_api_runs_exports_in_the_background_for_auditors_only(
         "/api/v1/exports", json={"kind": "compliance", "formats": ["csv"]}, headers=inspector
     )
     assert bad.status_code == 422 and "needs --period" in bad.json()["detail"]
+    bad = app_client.post("/api/v1/exports", json={**body, "site": "atlantis"}, headers=inspector)
+    assert bad.status_code == 422 and bad.json()["detail"] == "no site 'atlantis'"
     assert (
         app_client.get("/api/v1/exports/0123456789abcdef01234567", headers=inspector).status_code
         == 404
