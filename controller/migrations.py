@@ -109,13 +109,29 @@ def current(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+SUMS_REVISION = 2
+"""The revision that added ``observation_sum``: history kept before it is summed once."""
+
+
+def _revision_number(revision: str | None) -> int:
+    return int(revision) if revision is not None and revision.isdigit() else 0
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision`` atomically and return the revision it is now at.
 
-    Idempotent: at head, it only takes the lock and checks the version table.
+    Idempotent: at head, it only takes the lock and checks the version table. Crossing
+    :data:`SUMS_REVISION` backfills the observation sums from the history already kept, in the
+    same transaction (the revision files stay free of model code).
     """
     with _migration_transaction(engine) as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
         command.upgrade(alembic_config(conn), revision)
+        after = MigrationContext.configure(conn).get_current_revision()
+        if _revision_number(before) < SUMS_REVISION <= _revision_number(after):
+            from controller.history_rollup import rebuild
+
+            rebuild(conn)
     return current(engine)
 
 

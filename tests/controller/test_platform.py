@@ -14,7 +14,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -69,6 +69,43 @@ def test_upgrade_is_idempotent_and_reversible(database_url: str) -> None:
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}
         assert migrations.upgrade(engine) == head
         assert migrations.differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_history_kept_before_the_sums_existed_is_summed_by_the_upgrade(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        assert migrations.upgrade(engine, "0001") == "0001"
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO machine (id, machine_id, hashboard_serials, lifecycle_state, "
+                    "state_since, first_seen, serial_unconfirmed, flags, record_version, "
+                    "updated_at) VALUES (1, 'M1', '[]', 'ACTIVE', :t, :t, false, '[]', 1, :t)"
+                ),
+                {"t": datetime(2026, 10, 1, tzinfo=UTC)},
+            )
+            for n, hashrate in enumerate((100.0, 110.0, None)):
+                conn.execute(
+                    text(
+                        "INSERT INTO observation_history (machine_pk, bucket, observed_at, "
+                        "reachable, is_mining, hashrate_ths, power_w, pools) VALUES "
+                        "(1, :b, :t, true, true, :h, 3000.0, '[]')"
+                    ),
+                    {"b": n, "t": datetime(2026, 10, 1, 10, 5 * n, tzinfo=UTC), "h": hashrate},
+                )
+        assert migrations.upgrade(engine) == migrations.head()
+        with engine.connect() as conn:
+            hour = conn.execute(
+                text(
+                    "SELECT polls, mining, hashrate_sum, hashrate_n, power_sum, power_n "
+                    "FROM observation_sum WHERE machine_pk = 1 AND span_s = 3600"
+                )
+            ).one()
+            spans = conn.execute(text("SELECT count(*) FROM observation_sum")).scalar()
+        assert tuple(hour) == (3, 3, 210.0, 2, 9000.0, 3)
+        assert spans == 3  # the hour, the day and the week
     finally:
         engine.dispose()
 
