@@ -1,14 +1,15 @@
 """API routes: compliance evidence (a report over a period, one machine's timeline) and the
-open alerts. Read-only, for every user."""
+open alerts. Read by every user; an operator or compliance user resolves an alert."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
-from controller.api.deps import AnyUserDep, SessionDep, SettingsDep
+from controller.alerts import ResolvedAlert, ResolveRequest, resolve_alert
+from controller.api.deps import AnyUserDep, Principal, SessionDep, SettingsDep, require_roles
 from controller.evidence import Rules
 from controller.evidence_report import (
     AlertView,
@@ -19,6 +20,7 @@ from controller.evidence_report import (
     open_alerts,
     resolve_period,
 )
+from controller.models import Role
 
 router = APIRouter(tags=["compliance"])
 
@@ -78,3 +80,19 @@ def read_alerts(
     """Unresolved alerts, newest first: refused policy bundles, halted rollouts, repeat
     offenders and any other unresolved critical event."""
     return open_alerts(session, site, limit=limit)
+
+
+@router.post("/alerts/{alert_id}/resolve", response_model=ResolvedAlert)
+def resolve(
+    session: SessionDep,
+    who: Annotated[Principal, Depends(require_roles(Role.OPERATOR, Role.COMPLIANCE))],
+    alert_id: int,
+    body: ResolveRequest,
+) -> ResolvedAlert:
+    """Mark an alert dealt with, saying how (audited); it leaves the open alerts."""
+    event = resolve_alert(session, who, alert_id, body.reason)
+    session.commit()
+    assert event.id is not None and event.resolved_at is not None
+    return ResolvedAlert(
+        id=event.id, kind=event.kind, resolved_at=event.resolved_at, resolved_by=who.name
+    )

@@ -95,6 +95,7 @@ ROUTE_ACCESS: Final[dict[tuple[str, str], Access]] = {
     # compliance evidence and alerts (read-only)
     ("GET", f"{API}/compliance/status"): ANY_USER,
     ("GET", f"{API}/machines/{{machine_id}}/compliance"): ANY_USER,
+    ("POST", f"{API}/alerts/{{alert_id}}/resolve"): roles(Role.OPERATOR, Role.COMPLIANCE),
     ("GET", f"{API}/alerts"): ANY_USER,
     # the audit log
     ("GET", f"{API}/audit"): AUDITORS,

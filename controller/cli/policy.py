@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(pools_app, name="pools")
     app.add_typer(policy_app, name="policy")
     app.add_typer(exemptions_app, name="exemptions")
+    app.command("resolve-alert")(resolve_alert_command)
 
 
 # --- shared -------------------------------------------------------------------------------------
@@ -473,3 +474,26 @@ def exemptions_list(
         typer.echo("no exemptions", err=True)
     for view in views:
         typer.echo(_exemption_line(view))
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+ALERT_RESOLVERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.COMPLIANCE})
+
+
+def resolve_alert_command(
+    ctx: typer.Context,
+    alert_id: Annotated[int, typer.Argument(metavar="ALERT_ID", help="From `alerts`.")],
+    as_user: AsOpt,
+    reason: Annotated[str, typer.Option(help="What was done about it (required).")],
+    password_stdin: StdinOpt = False,
+) -> None:
+    """Mark an alert dealt with (operator or compliance); audited with the reason."""
+    from controller.alerts import ResolveRequest, resolve_alert
+
+    request = _validated(lambda: ResolveRequest(reason=reason))
+    actor = _person(ctx, as_user, password_stdin)
+    if actor.role not in ALERT_RESOLVERS:
+        fail(f"--as {actor.name}: resolving alerts needs the operator or compliance role")
+    _run(ctx, lambda s: resolve_alert(s, actor, alert_id, request.reason))
+    typer.echo(f"alert {alert_id} resolved")

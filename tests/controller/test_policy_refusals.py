@@ -10,12 +10,15 @@ the controller as an alert that a compliance user sees.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from agent.config import AgentConfig
 from agent.daemon import FleetAgent
@@ -24,9 +27,9 @@ from agent.policy import PolicyGuard, policy_path
 from agent.uplink import Uplink
 from contract.policy import ApprovedPoolSet, PolicyBundle
 from controller import signing
-from controller.models import Role
+from controller.models import RegisterEvent, Role
 from controller.settings import Settings
-from tests.controller.conftest import UserFactory
+from tests.controller.conftest import DEFAULT_PASSWORD, CliInvoker, UserFactory
 
 API = "/api/v1"
 POOL = {
@@ -147,3 +150,48 @@ def test_tampered_expired_and_older_bundles_are_refused_and_reported(
     ]
     assert {a["agent_id"] for a in refused} == {enrolled["agent_id"]}
     assert all(a["severity"] == "critical" and a["site"] == "alpha" for a in refused)
+
+    # an operator resolves one, saying what was done; it leaves the open alerts, audited
+    first = refused[0]["id"]
+    url = f"{API}/alerts/{first}/resolve"
+    body = {"reason": "MITM on the agent's uplink found and removed"}
+    technician = make_user(Role.TECHNICIAN, name="tess").headers
+    assert app_client.post(url, json=body, headers=technician).status_code == 403
+    assert app_client.post(url, json={"reason": ""}, headers=operator).status_code == 422
+    done = app_client.post(url, json=body, headers=operator)
+    assert done.status_code == 200, done.text
+    assert done.json()["resolved_by"] == "olga" and done.json()["kind"] == "policy_refused"
+    assert app_client.post(url, json=body, headers=operator).status_code == 409
+    assert (
+        app_client.post(f"{API}/alerts/999999/resolve", json=body, headers=operator).status_code
+        == 404
+    )
+    still_open = [a["id"] for a in app_client.get(f"{API}/alerts", headers=compliance).json()]
+    assert first not in still_open and len(still_open) == 2
+    audit = app_client.get(f"{API}/audit", headers=compliance).json()
+    entries = audit["data"] if isinstance(audit, dict) else audit
+    resolved = [e for e in entries if e["action"] == "alert.resolve"]
+    assert resolved and resolved[0]["reason"] == body["reason"] and resolved[0]["actor"] == "olga"
+
+
+def test_resolve_alert_from_the_cli(
+    cli: CliInvoker, engine: Engine, make_user: UserFactory
+) -> None:
+    make_user(Role.OPERATOR, name="olga")
+    make_user(Role.TECHNICIAN, name="tess")
+    with Session(engine, expire_on_commit=False) as session:
+        halted = RegisterEvent(kind="rollout_halted", severity="critical", detail="canary failed")
+        session.add(halted)
+        session.commit()
+    pw = DEFAULT_PASSWORD + "\n"
+    args = ["resolve-alert", str(halted.id), "--reason", "firmware fixed", "--password-stdin"]
+    refused = cli(*args, "--as", "tess", input=pw)
+    assert refused.exit_code == 1 and "needs the operator or compliance role" in refused.stderr
+    assert cli(*args, "--as", "olga", input="wrong\n").exit_code == 1
+    done = cli(*args, "--as", "olga", input=pw)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == f"alert {halted.id} resolved"
+    again = cli(*args, "--as", "olga", input=pw)
+    assert again.exit_code == 1 and "already resolved" in again.stderr
+    listed = cli("alerts", "--json")
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
