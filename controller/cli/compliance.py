@@ -4,19 +4,15 @@ evidence from the console (read-only). Errors are one line on stderr; bad option
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from sqlmodel import Session
 
 from controller.cli.context import context, fail
-from controller.db import session_scope
-from controller.errors import ControllerError
+from controller.cli.context import transaction as _session
+from controller.cli.context import wide_console as _console
 from controller.evidence import Rules
 from controller.evidence_report import (
     AlertView,
@@ -88,21 +84,6 @@ def _period(period: str | None, since: str | None, now: datetime) -> tuple[datet
         return now - parse_since(since or "24h"), now
     except ValueError as exc:
         fail(str(exc), code=2)
-
-
-@contextmanager
-def _session(ctx: typer.Context) -> Iterator[Session]:
-    engine = context(ctx).engine()
-    try:
-        with session_scope(engine) as session:
-            yield session
-    except ControllerError as exc:
-        fail(str(exc))
-
-
-def _console() -> Console:
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 200))
 
 
 def _when(value: datetime | None) -> str:

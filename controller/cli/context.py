@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import typer
+from rich.console import Console
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -89,3 +91,22 @@ def validated(build: Callable[[], T]) -> T:
                 code=2,
             )
         fail(str(exc), code=2)
+
+
+@contextmanager
+def transaction(ctx: typer.Context) -> Iterator[Session]:
+    """One transaction; controller errors become a one-line message and exit code 1."""
+    from controller.db import session_scope
+    from controller.errors import ControllerError
+
+    try:
+        with session_scope(context(ctx).engine()) as session:
+            yield session
+    except ControllerError as exc:
+        fail(str(exc))
+
+
+def wide_console() -> Console:
+    """A console; when output is piped, wide enough that table rows stay on one line."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 200))

@@ -6,22 +6,18 @@ Changes are audited as ``cli:<os user>``. Errors are one line on stderr with a n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from sqlmodel import Session
 
 from controller import register as reg
 from controller.actors import cli_actor
-from controller.cli.context import context, fail
+from controller.cli.context import fail
+from controller.cli.context import transaction as _session
 from controller.cli.context import validated as _validated
-from controller.db import session_scope
-from controller.errors import ControllerError
+from controller.cli.context import wide_console as _console
 from controller.models import LifecycleState
 from controller.register import (
     ClaimRequest,
@@ -35,23 +31,6 @@ from controller.register import (
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-@contextmanager
-def _session(ctx: typer.Context) -> Iterator[Session]:
-    """One transaction; controller errors become a one-line message and exit code 1."""
-    engine = context(ctx).engine()
-    try:
-        with session_scope(engine) as session:
-            yield session
-    except ControllerError as exc:
-        fail(str(exc))
-
-
-def _console() -> Console:
-    """A console; when output is piped, wide enough that table rows stay on one line."""
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 200))
 
 
 def _location(m: MachinePublic) -> str:
