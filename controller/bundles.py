@@ -44,7 +44,7 @@ from controller.models import (
 )
 from controller.pool_policy import active_pool_set, get_pool_set, site_policy, to_contract
 from controller.signing import SigningKey
-from controller.worker_names import render_worker
+from controller.worker_names import render_worker, worker_facts
 
 _MACHINE = Machine.metadata.tables["machine"]
 _LATEST = LatestObservation.metadata.tables["observation_latest"]
@@ -71,18 +71,12 @@ MAX_SAMPLES = 50
 
 
 def machine_facts(row: Any, site: str, account: str) -> dict[str, str | None]:
-    """What a worker template may use. ``serial`` is the one the miner reports, because that is
-    what the agent sees and matches; the label serial stands in when the miner reports none."""
-    return {
-        "account": account,
-        "machine_id": row.machine_id,
-        "serial": row.reported_serial or row.label_serial,
-        "site": site,
-        "rack": row.rack,
-        "container": row.container,
-        "shelf": row.shelf,
-        "slot": row.slot,
-    }
+    """What a worker template may use, from a machine row (see :func:`worker_facts`)."""
+    return worker_facts(
+        account=account, site=site, machine_id=row.machine_id,
+        reported_serial=row.reported_serial, label_serial=row.label_serial,
+        rack=row.rack, container=row.container, shelf=row.shelf, slot=row.slot,
+    )  # fmt: skip
 
 
 def content_hash(content: PolicyContent) -> str:

@@ -59,7 +59,7 @@ from controller.models import (
     SitePolicy,
 )
 from controller.settings import Settings
-from controller.worker_names import DEFAULT_TEMPLATE, render_worker
+from controller.worker_names import DEFAULT_TEMPLATE, render_worker, worker_facts
 
 log = logging.getLogger(__name__)
 
@@ -322,19 +322,12 @@ def _site_policies(conn: Connection, site_ids: set[int]) -> dict[int, _SitePolic
 
 
 def _worker(policy: _SitePolicy, machine: Any) -> str:
-    return _render(
-        policy.template,
-        (
-            ("account", policy.approved.account),
-            ("machine_id", machine.machine_id),
-            ("serial", machine.reported_serial or machine.label_serial),
-            ("site", policy.name),
-            ("rack", machine.rack),
-            ("container", machine.container),
-            ("shelf", machine.shelf),
-            ("slot", machine.slot),
-        ),
-    )
+    facts = worker_facts(
+        account=policy.approved.account, site=policy.name, machine_id=machine.machine_id,
+        reported_serial=machine.reported_serial, label_serial=machine.label_serial,
+        rack=machine.rack, container=machine.container, shelf=machine.shelf, slot=machine.slot,
+    )  # fmt: skip
+    return _render(policy.template, tuple(facts.items()))
 
 
 @lru_cache(maxsize=1 << 16)

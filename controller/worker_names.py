@@ -52,6 +52,33 @@ def check_template(template: str) -> str:
     return template
 
 
+def worker_facts(
+    *,
+    account: str | None,
+    site: str | None,
+    machine_id: str | None,
+    reported_serial: str | None,
+    label_serial: str | None,
+    rack: str | None = None,
+    container: str | None = None,
+    shelf: str | None = None,
+    slot: str | None = None,
+) -> dict[str, str | None]:
+    """What a template may use, the same for the bundle, the evidence and the exports. The
+    serial is the one the miner reports (what the agent matches and the evidence reads back);
+    the label serial stands in only when the miner reports none."""
+    return {
+        "account": account,
+        "machine_id": machine_id,
+        "serial": reported_serial or label_serial,
+        "site": site,
+        "rack": rack,
+        "container": container,
+        "shelf": shelf,
+        "slot": slot,
+    }
+
+
 def render_worker(template: str, facts: Mapping[str, str | None]) -> str:
     """The worker for one machine. Characters a stratum user cannot carry become ``_``; a
     missing fact renders as ``x``, except an unreadable serial, which falls back to the

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract import ApprovedPoolSet, PoolReading, assess_pools
-from controller.worker_names import render_worker
+from controller.worker_names import render_worker, worker_facts
 from simulator.farm import host_capacity
 
 DEMO_SITE = "demo-site"
@@ -93,16 +93,12 @@ def expected_worker(machine: Mapping[str, Any] | None) -> str | None:
     """The worker the controller's rule gives a machine (None: not in the register yet)."""
     if machine is None:
         return None
-    facts = {
-        "account": DEMO_ACCOUNT,
-        "machine_id": machine.get("machine_id"),
-        "serial": machine.get("reported_serial") or machine.get("label_serial"),
-        "site": DEMO_SITE,
-        "rack": machine.get("rack"),
-        "container": machine.get("container"),
-        "shelf": machine.get("shelf"),
-        "slot": machine.get("slot"),
-    }
+    facts = worker_facts(
+        account=DEMO_ACCOUNT, site=DEMO_SITE, machine_id=machine.get("machine_id"),
+        reported_serial=machine.get("reported_serial"), label_serial=machine.get("label_serial"),
+        rack=machine.get("rack"), container=machine.get("container"),
+        shelf=machine.get("shelf"), slot=machine.get("slot"),
+    )  # fmt: skip
     return render_worker(DEMO_TEMPLATE, facts)
 
 

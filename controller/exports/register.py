@@ -70,7 +70,7 @@ from controller.models import (
     Site,
     SitePolicy,
 )
-from controller.worker_names import DEFAULT_TEMPLATE, render_worker
+from controller.worker_names import DEFAULT_TEMPLATE, render_worker, worker_facts
 
 VERSION: SqlTable = MachineVersion.__table__  # type: ignore[attr-defined]
 MACHINE: SqlTable = Machine.__table__  # type: ignore[attr-defined]
@@ -306,16 +306,17 @@ def _machine_parts(
         if account is not None:
             worker = render_worker(
                 templates.get(site_pk, DEFAULT_TEMPLATE),
-                {
-                    "account": account,
-                    "machine_id": machine_id,
-                    "serial": label_serial or reported_serial,
-                    "site": site_name,
-                    "container": container,
-                    "rack": rack,
-                    "shelf": shelf,
-                    "slot": slot,
-                },
+                worker_facts(
+                    account=account,
+                    site=site_name,
+                    machine_id=machine_id,
+                    reported_serial=reported_serial,
+                    label_serial=label_serial,
+                    rack=rack,
+                    container=container,
+                    shelf=shelf,
+                    slot=slot,
+                ),
             )
         heads.append(
             (
