@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from contract import (
@@ -46,33 +46,23 @@ from controller.compliance_logic import (
     streak_start,
 )
 from controller.models import (
-    Agent,
-    ComplianceInterval,
-    DriftIncident,
-    Exemption,
-    LatestObservation,
-    Machine,
-    PoolSet,
     PoolSetStatus,
-    RegisterEvent,
-    Site,
-    SitePolicy,
 )
 from controller.settings import Settings
+from controller.tables import (
+    EVENT,
+    EXEMPTION,
+    INCIDENT,
+    INTERVAL,
+    MACHINE,
+    POOL_SET,
+    SITE,
+    SITE_POLICY,
+)
 from controller.worker_names import DEFAULT_TEMPLATE, render_worker, worker_facts
 
 log = logging.getLogger(__name__)
 
-INTERVAL: Table = ComplianceInterval.__table__  # type: ignore[attr-defined]
-INCIDENT: Table = DriftIncident.__table__  # type: ignore[attr-defined]
-MACHINE: Table = Machine.__table__  # type: ignore[attr-defined]
-POOL_SET: Table = PoolSet.__table__  # type: ignore[attr-defined]
-SITE_POLICY: Table = SitePolicy.__table__  # type: ignore[attr-defined]
-SITE: Table = Site.__table__  # type: ignore[attr-defined]
-EXEMPTION: Table = Exemption.__table__  # type: ignore[attr-defined]
-EVENT: Table = RegisterEvent.__table__  # type: ignore[attr-defined]
-LATEST: Table = LatestObservation.__table__  # type: ignore[attr-defined]
-AGENT: Table = Agent.__table__  # type: ignore[attr-defined]
 
 REPEAT_OFFENDER = "repeat_offender"
 ALERT_KINDS = (

@@ -27,18 +27,9 @@ from controller.compliance_logic import (
     percentile,
 )
 from controller.errors import NotFound
-from controller.evidence import (
-    AGENT,
-    ALERT_KINDS,
-    EVENT,
-    INCIDENT,
-    INTERVAL,
-    LATEST,
-    MACHINE,
-    SITE,
-    Rules,
-)
+from controller.evidence import ALERT_KINDS, Rules
 from controller.register import find_machine
+from controller.tables import AGENT, EVENT, INCIDENT, INTERVAL, LATEST, MACHINE, SITE
 
 
 class IntervalView(BaseModel):

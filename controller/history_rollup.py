@@ -22,16 +22,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Integer, Table, and_, case, cast, delete, func, insert, literal, select
+from sqlalchemy import Integer, and_, case, cast, delete, func, insert, literal, select
 from sqlalchemy import true as sql_true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement
 
-from controller.models import ObservationHistory, ObservationSum
-
-SUM: Table = ObservationSum.__table__  # type: ignore[attr-defined]
-HISTORY: Table = ObservationHistory.__table__  # type: ignore[attr-defined]
+from controller.tables import HISTORY, SUM
 
 HOUR = 3_600
 DAY = 86_400

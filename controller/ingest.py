@@ -51,15 +51,7 @@ from controller.actors import Actor
 from controller.errors import Conflict
 from controller.evidence import track_compliance
 from controller.models import (
-    Agent,
-    IngestedBatch,
-    LatestObservation,
     LifecycleState,
-    Machine,
-    MachineStateChange,
-    ObservationHistory,
-    RegisterEvent,
-    Segment,
     UTCDateTime,
     utcnow,
 )
@@ -79,17 +71,10 @@ from controller.reconcile import (
     reconcile,
 )
 from controller.settings import Settings
+from controller.tables import AGENT, BATCH, EVENT, HISTORY, LATEST, MACHINE, SEGMENT, STATE_CHANGE
 
 log = logging.getLogger(__name__)
 
-MACHINE: Table = Machine.__table__  # type: ignore[attr-defined]
-LATEST: Table = LatestObservation.__table__  # type: ignore[attr-defined]
-HISTORY: Table = ObservationHistory.__table__  # type: ignore[attr-defined]
-EVENT: Table = RegisterEvent.__table__  # type: ignore[attr-defined]
-BATCH: Table = IngestedBatch.__table__  # type: ignore[attr-defined]
-STATE_CHANGE: Table = MachineStateChange.__table__  # type: ignore[attr-defined]
-AGENT: Table = Agent.__table__  # type: ignore[attr-defined]
-SEGMENT: Table = Segment.__table__  # type: ignore[attr-defined]
 
 REFUSED_EVENT = "report_refused"
 MAX_LOGGED_ITEMS = 200  # refused items kept in one event/audit entry

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import String, Table, cast, insert, select
+from sqlalchemy import String, cast, insert, select
 from sqlalchemy.engine import Connection
 
-from controller.models import Machine, MachineVersion
-
-MACHINE: Table = Machine.__table__  # type: ignore[attr-defined]
-VERSION: Table = MachineVersion.__table__  # type: ignore[attr-defined]
+from controller.tables import MACHINE, VERSION
 
 COPIED = (
     "machine_id",

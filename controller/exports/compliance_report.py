@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table as SqlTable
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
@@ -31,11 +30,7 @@ from sqlmodel import Session
 from controller.exports.i18n import Lang, label
 from controller.exports.register import _sites, site_named, state_of, versions_as_of
 from controller.exports.table import Column, Table
-from controller.models import ComplianceInterval, DriftIncident, MachineVersion
-
-VERSION: SqlTable = MachineVersion.__table__  # type: ignore[attr-defined]
-INTERVAL: SqlTable = ComplianceInterval.__table__  # type: ignore[attr-defined]
-INCIDENT: SqlTable = DriftIncident.__table__  # type: ignore[attr-defined]
+from controller.tables import INCIDENT, INTERVAL, VERSION
 
 STATUSES = ("compliant", "non_compliant", "unknown", "exempt")
 DEFAULT_REPEAT_THRESHOLD = 3

@@ -59,24 +59,14 @@ from controller import history_rollup
 from controller.errors import NotFound
 from controller.exports.table import Column, Table
 from controller.models import (
-    ComplianceInterval,
     LifecycleState,
-    Machine,
-    MachineVersion,
-    ObservationHistory,
-    ObservationSum,
     PoolSet,
     PoolSetStatus,
     Site,
     SitePolicy,
 )
+from controller.tables import HISTORY, INTERVAL, MACHINE, VERSION
 from controller.worker_names import DEFAULT_TEMPLATE, render_worker, worker_facts
-
-VERSION: SqlTable = MachineVersion.__table__  # type: ignore[attr-defined]
-MACHINE: SqlTable = Machine.__table__  # type: ignore[attr-defined]
-SUM: SqlTable = ObservationSum.__table__  # type: ignore[attr-defined]
-HISTORY: SqlTable = ObservationHistory.__table__  # type: ignore[attr-defined]
-INTERVAL: SqlTable = ComplianceInterval.__table__  # type: ignore[attr-defined]
 
 SERIAL_MISMATCH_FLAG = "serial_mismatch"
 
