@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from controller.audit import GENESIS, entry_digest
+from controller.audit import GENESIS, entry_digest, flush_pending
 from controller.models import AuditEntry
 
 DEFAULT_CHUNK = 5_000
@@ -229,6 +229,7 @@ def verify_chain(
     ``anchor``: a head hash recorded earlier; the chain must still pass through it,
     otherwise entries after it were cut off or the log was rebuilt.
     """
+    flush_pending(session)
     upto = session.connection().execute(select(func.max(col(AuditEntry.seq)))).scalar() or 0
 
     def locate(digest: str) -> int | None:
@@ -302,6 +303,7 @@ def list_entries(
     entity_id: str | None = None,
 ) -> AuditPage:
     """Entries in ``seq`` order after (asc) or before (desc) ``cursor``, keyset-paginated."""
+    flush_pending(session)
     table = _TABLE
     query = select(*[table.c[name] for name in ChainEntry.__dataclass_fields__])
     if cursor is not None:
