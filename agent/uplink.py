@@ -5,7 +5,10 @@ Three conversations, each one HTTP request with a timeout:
 - ``enroll``: trade a one-time token for the agent's own secret (``POST /api/v1/agents/enroll``);
 - ``push``: deliver one report batch with the bearer secret (``POST /api/v1/agent/reports``);
 - ``pull_policy``: fetch the policy bundle (``GET /api/v1/agent/policy``), handed to a verifier
-  hook before anyone sees it (the signature check is wired in by the enforcement work).
+  hook before anyone sees it (the signature check is wired in by the enforcement work). The
+  ETag of the last accepted bundle goes back as ``If-None-Match``, so an unchanged bundle
+  costs a ``304`` with no body; not once that bundle is in the last quarter of its lifetime,
+  so a 304 can never keep the agent on a bundle until it expires.
 
 ``drain`` empties the outbox oldest-first and acknowledges each batch only after the controller
 did, so a crash anywhere re-sends at worst a batch the controller already has (it answers with
@@ -104,6 +107,13 @@ def classify(
     if batch_id is not None and 400 <= status < 500:
         return RejectedBatch(text, batch_id=batch_id, status_code=status)
     return UplinkError(text, status_code=status, retryable=False)
+
+
+def revalidate(bundle: PolicyBundle, now: datetime) -> bool:
+    """Whether a held bundle may be kept on a ``304``: only while more than a quarter of its
+    lifetime is left; after that the agent asks for the bundle itself (re-signed)."""
+    lifetime = bundle.expires_at - bundle.issued_at
+    return bundle.expires_at - now > lifetime / 4
 
 
 def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
@@ -351,6 +361,7 @@ class Uplink:
         self.verify_policy = verify_policy
         self.state = UplinkState()
         self._drain_lock = asyncio.Lock()
+        self._policy: tuple[str, PolicyBundle] | None = None  # (ETag, the bundle accepted)
 
     @classmethod
     def from_config(
@@ -388,9 +399,17 @@ class Uplink:
         await self.aclose()
 
     async def _call(
-        self, method: str, path: str, what: str, body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        what: str,
+        body: bytes | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self._secret.get_secret_value()}"}
+        headers = {
+            **(extra_headers or {}),
+            "Authorization": f"Bearer {self._secret.get_secret_value()}",
+        }
         return await _send(
             self._client,
             method,
@@ -423,11 +442,19 @@ class Uplink:
         Without a verifier the bundle is UNVERIFIED: callers must not enforce it.
         """
         what = "policy pull"
-        response = await self._call("GET", POLICY_PATH, what)
+        held = self._policy
+        conditional = held is not None and revalidate(held[1], datetime.now(UTC))
+        extra = {"If-None-Match": held[0]} if held is not None and conditional else None
+        response = await self._call("GET", POLICY_PATH, what, extra_headers=extra)
+        if response.status_code == 304 and held is not None and conditional:
+            return held[1]  # verified when it arrived; still current, says the controller
         if not response.is_success:
             raise _error(response, what)
         bundle = _parse(PolicyBundle, response, what)
-        return self.verify_policy(bundle) if self.verify_policy is not None else bundle
+        accepted = self.verify_policy(bundle) if self.verify_policy is not None else bundle
+        etag = response.headers.get("ETag")
+        self._policy = (etag, accepted) if etag else None
+        return accepted
 
     async def drain(self, outbox: Outbox, *, max_batches: int | None = None) -> DrainReport:
         """Push pending batches oldest-first until the outbox is empty or something fails.

@@ -5,6 +5,11 @@ constant number of queries (a 20,000-machine site is one machine query and one e
 query). The version is lazy: the canonical JSON of the content is hashed, and the site's
 ``policy_revision`` row is bumped (a conditional UPDATE, safe across replicas) only when the
 hash differs, so an agent sees a new version exactly when there is something new to enforce.
+
+Pulls of an unchanged bundle are cheap: :func:`bundle_etag` fingerprints the bundle's inputs
+with a handful of small queries (an aggregate over the site's machines instead of reading
+them) and the pull route answers ``304 Not Modified`` when the agent already holds it. See
+:func:`inputs_fingerprint` for why the fingerprint changes whenever the content can.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -42,7 +47,13 @@ from controller.models import (
     Site,
     SitePolicy,
 )
-from controller.pool_policy import active_pool_set, get_pool_set, site_policy, to_contract
+from controller.pool_policy import (
+    active_pool_set,
+    get_pool_set,
+    policy_settings,
+    site_policy,
+    to_contract,
+)
 from controller.signing import SigningKey
 from controller.worker_names import render_worker, worker_facts
 
@@ -187,6 +198,80 @@ def issue_bundle(
     version = policy_version(session, site.id, content_hash(content), now)
     bundle = PolicyBundle(version=version, issued_at=now, expires_at=now + ttl, content=content)
     return key.sign_bundle(bundle)
+
+
+# --- cheap pulls: the ETag ---------------------------------------------------------------------
+
+BUNDLE_FORMAT = 1
+"""Bump when :func:`build_bundle` gives other content for the same inputs (a code change)."""
+
+
+def reissue_epoch(now: datetime, ttl: timedelta) -> int:
+    """Which half-lifetime ``now`` falls in: the ETag changes every ``ttl / 2``, so a bundle
+    is re-signed (new ``expires_at``) before it expires however long nothing changes."""
+    half = max(1.0, ttl.total_seconds() / 2)
+    return int(now.timestamp() // half)
+
+
+def inputs_fingerprint(session: Session, site: Site, now: datetime) -> dict[str, Any]:
+    """Everything :func:`build_bundle` reads, cheaply: equal fingerprints, equal content.
+
+    - the site's name and DMP account, its policy settings, the approved pool set in force;
+    - the exemptions in force at ``now`` (time decides which: they are listed, not counted);
+    - the site's machines in service as an aggregate: every change to a machine's register
+      columns bumps its ``record_version`` (the register's history relies on it, see
+      ``controller.machine_versions``), so count, id sums and version sums move with any
+      change, arrival or departure; ``last_seen`` alone (not a bundle input) moves nothing.
+    """
+    assert site.id is not None
+    policy = site_policy(session, site.id)
+    active = active_pool_set(session, site.id)
+    exempt = current_exemptions(session, site.id, now)
+    m = _MACHINE.c
+    count, ids, versions, mixed, newest = (
+        session.connection()
+        .execute(
+            sa.select(
+                func.count(),
+                func.coalesce(func.sum(m.id), 0),
+                func.coalesce(func.sum(m.record_version), 0),
+                func.coalesce(func.sum(m.id * m.record_version), 0),
+                func.max(m.updated_at),
+            ).where(m.site_id == site.id, _IN_SERVICE)
+        )
+        .one()
+    )
+    return {
+        "format": BUNDLE_FORMAT,
+        "site": [site.id, site.name, site.dmp_account],
+        "policy": policy_settings(policy),
+        "pool_set": to_contract(active).model_dump(mode="json") if active is not None else None,
+        "exemptions": sorted([pk, e.ends_at.isoformat(), e.reason] for pk, e in exempt.items()),
+        "machines": [int(count), int(ids), int(versions), int(mixed), str(newest)],
+    }
+
+
+def bundle_etag(
+    session: Session, site: Site, key: SigningKey, ttl: timedelta, now: datetime
+) -> str:
+    """The strong ETag of the bundle a pull at ``now`` gets: inputs, signing key, re-issue
+    epoch. Compute it *before* building, so a change racing the build can only cost one more
+    rebuild, never pin an agent to stale content."""
+    parts = {
+        "inputs": inputs_fingerprint(session, site, now),
+        "key": key.public_key_b64(),
+        "epoch": reissue_epoch(now, ttl),
+    }
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return '"' + hashlib.sha256(canonical.encode()).hexdigest()[:40] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, RFC 9110 13.1.2)."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return any(t == "*" or t.removeprefix("W/") == etag for t in tags)
 
 
 # --- dry run ------------------------------------------------------------------------------------

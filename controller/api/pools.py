@@ -12,7 +12,7 @@ import logging
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
 
 from contract.policy import PolicyBundle
 from controller import bundles, exemptions, pool_policy, signing
@@ -56,9 +56,22 @@ _REFUSED: dict[int | str, dict[str, str]] = {
 # --- the agent's bundle -------------------------------------------------------------------------
 
 
-@router.get("/agent/policy", response_model=PolicyBundle)
-def agent_policy(agent: AgentDep, session: SessionDep, settings: SettingsDep) -> Response:
-    """The signed policy bundle of the agent's site (its version changes only with content)."""
+@router.get(
+    "/agent/policy",
+    response_model=PolicyBundle,
+    responses={304: {"description": "the bundle named in If-None-Match is still current"}},
+)
+def agent_policy(
+    agent: AgentDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+) -> Response:
+    """The signed policy bundle of the agent's site (its version changes only with content).
+
+    Answers ``304 Not Modified`` (no body, nothing built) when ``If-None-Match`` carries the
+    current ETag; the ETag also changes every half bundle lifetime, so agents get the bundle
+    re-signed before it expires."""
     try:
         key = signing.load_or_create(settings.data_dir)
     except signing.SigningKeyError as exc:
@@ -70,11 +83,17 @@ def agent_policy(agent: AgentDep, session: SessionDep, settings: SettingsDep) ->
     site = session.get(Site, agent.site_id)
     if site is None:
         raise NotFound("the agent's site no longer exists")
-    bundle = bundles.issue_bundle(
-        session, site, key, timedelta(seconds=settings.policy_ttl_s), utcnow()
-    )
+    now = utcnow()
+    ttl = timedelta(seconds=settings.policy_ttl_s)
+    etag = bundles.bundle_etag(session, site, key, ttl, now)
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if bundles.etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    bundle = bundles.issue_bundle(session, site, key, ttl, now)
     session.commit()
-    return Response(content=bundle.model_dump_json(), media_type="application/json")
+    return Response(
+        content=bundle.model_dump_json(), media_type="application/json", headers=headers
+    )
 
 
 # --- pool sets ----------------------------------------------------------------------------------
