@@ -13,13 +13,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from controller import audit
 from controller.audit_verify import verify_chain
-from controller.models import AuditEntry
+from controller.models import AuditEntry, Role
+from tests.controller.conftest import UserFactory
 
 WRITERS = 12
 
@@ -114,3 +116,31 @@ def test_open_ingest_transaction_does_not_hold_the_chain(engine: Engine) -> None
     assert [(e.seq, e.actor) for e in entries] == [(1, "replica-b"), (2, "replica-a")]
     with Session(engine) as session:
         assert verify_chain(session).ok
+
+
+def test_twelve_parallel_exports_all_succeed(
+    app_client: TestClient, make_user: UserFactory
+) -> None:
+    """The report: twelve parallel ``POST /exports`` and three jobs failed on the sequence."""
+    carl = make_user(Role.COMPLIANCE, name="carl")
+    start = threading.Barrier(WRITERS, timeout=30)
+
+    def export(_: int) -> dict[str, object]:
+        start.wait()
+        made = app_client.post(
+            "/api/v1/exports", json={"kind": "audit", "formats": ["json"]}, headers=carl.headers
+        )
+        assert made.status_code == 202, made.text
+        # The test client runs the background build before answering; the job is finished.
+        job: dict[str, object] = app_client.get(
+            f"/api/v1/exports/{made.json()['id']}", headers=carl.headers
+        ).json()
+        return job
+
+    with ThreadPoolExecutor(WRITERS) as pool:
+        jobs = list(pool.map(export, range(WRITERS)))
+    assert [(j["status"], j["error"]) for j in jobs] == [("done", None)] * WRITERS
+    listed = app_client.get(
+        "/api/v1/audit", params={"action": "export.create", "limit": 100}, headers=carl.headers
+    ).json()["data"]
+    assert len(listed) == WRITERS
