@@ -217,6 +217,7 @@ def kill_mid_batch(proc: subprocess.Popen[bytes], schema: str, name: str) -> boo
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=30)
                     return True
+                time.sleep(0.005)  # a batch transaction lasts far longer than this
         return False
     finally:
         admin.dispose()
