@@ -50,6 +50,7 @@ from agent.drivers.base import (
     pool_kind,
     utcnow,
 )
+from agent.drivers.bounded import run_bounded
 from agent.errors import (
     AuthFailed,
     DriverError,
@@ -248,9 +249,13 @@ class PyasicDriver(MinerDriver):
         return default
 
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """``call`` bounded (deadline and byte cap, see :mod:`agent.drivers.bounded`); every
+        exception comes out as a DriverError."""
         try:
-            async with asyncio.timeout(timeout_s):
-                return await call()
+            return await run_bounded(
+                call, ip=self.ip, what=what, timeout_s=timeout_s,
+                max_bytes=self.options.max_reply_bytes,
+            )  # fmt: skip
         except Exception as exc:
             raise classify(exc, self.ip, what) from exc
 
@@ -283,18 +288,24 @@ class PyasicDriver(MinerDriver):
     async def poll_pyasic(self) -> PollSnapshot:
         """``get_data(include=HOT_FIELDS)`` with our fixes; never raises."""
         observed_at = utcnow()
+
+        async def read() -> PollSnapshot | DriverError:
+            data, pools = await self._hot_data()
+            snapshot = snapshot_from_data(self.ip, data, pools, observed_at)
+            return snapshot if snapshot is not None else await self._diagnose()
+
         try:
-            async with asyncio.timeout(self.options.timeout):
-                data, pools = await self._hot_data()
-                snapshot = snapshot_from_data(self.ip, data, pools, observed_at)
-                if snapshot is not None:
-                    return snapshot
-                error = await self._diagnose()
-        except TimeoutError:
-            error = Timeout(f"no complete reply within {self.options.timeout:g} s", ip=self.ip)
+            result = await run_bounded(
+                read, ip=self.ip, what="poll", timeout_s=self.options.timeout,
+                max_bytes=self.options.max_reply_bytes,
+            )  # fmt: skip
+        except Timeout:
+            result = Timeout(f"no complete reply within {self.options.timeout:g} s", ip=self.ip)
         except Exception as exc:
-            error = classify(exc, self.ip, "poll")
-        return PollSnapshot.failed(self.ip, error, observed_at)
+            result = classify(exc, self.ip, "poll")
+        if isinstance(result, PollSnapshot):
+            return result
+        return PollSnapshot.failed(self.ip, result, observed_at)
 
     async def _hot_data(self) -> tuple[Any, tuple[PoolStatus, ...] | None]:
         try:
