@@ -91,7 +91,7 @@ def _iso(value: datetime | None) -> str | None:
 def _reason(error: BaseException) -> str:
     if isinstance(error, DriverError):
         return f"{error.kind}: {error.reason}"
-    return f"error: {type(error).__name__}: {error}"[:300]
+    return " ".join(f"error: {type(error).__name__}: {error}".split())[:300]  # one line
 
 
 @dataclass

@@ -38,6 +38,13 @@ _current: contextvars.ContextVar[Sandbox | None] = contextvars.ContextVar(
 _INSTALLED = "_asicfleet_bounded_reads"
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """pyasic leaves the losers of its probe races unawaited; what they raised is the
+    miner's fault, classified by the caller, not an "exception never retrieved" on stderr."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _abort(transport: asyncio.BaseTransport) -> None:
     """Drop a connection now (no flush, no goodbye): what ends a read loop at once."""
     if isinstance(transport, asyncio.Transport | asyncio.WriteTransport):
@@ -60,6 +67,7 @@ class Sandbox:
         self.tripped = asyncio.Event()
 
     def track_task(self, task: asyncio.Task[Any]) -> None:
+        task.add_done_callback(_retrieve)
         box: Sandbox | None = self
         while box is not None:
             box.tasks.add(task)
@@ -233,10 +241,11 @@ async def run_bounded(
     try:
         await asyncio.wait({task, tripped}, timeout=timeout_s, return_when="FIRST_COMPLETED")
     except asyncio.CancelledError:  # the caller's own budget ended: end ours too, then go
-        tripped.cancel()
+        sandbox.track_task(tripped)
         await sandbox.end()
         raise
     tripped.cancel()
+    await asyncio.wait({tripped})
     finished = task.done() and not sandbox.tripped.is_set()
     await sandbox.end()
     if sandbox.oversized_bytes is not None:
