@@ -8,6 +8,7 @@ fast path cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,9 @@ _ERROR_MAX = max_length(Observation, "error")
 _SERIAL_MAX = max_length(IdentityRecord, "serial")
 _MAX_POOLS = max_length(Observation, "pools")
 _MAX_BOARDS = max_length(IdentityRecord, "hashboard_serials")
+_MAX_FANS = max_length(Observation, "fan_rpm")
+_MAX_RPM = 1_000_000
+_MAX_READING = 1e12  # no hashrate (TH/s), power (W) or temperature (°C) comes near this
 _IDENTITY_TEXT = {
     name: max_length(IdentityRecord, name)
     for name in (
@@ -57,6 +61,10 @@ def _clean(owner: object, name: str, limit: int, notes: list[str]) -> None:
     notes.extend(f"{name}: {note}" for note in result.notes)
     if result.text != value:
         object.__setattr__(owner, name, result.text)
+
+
+def _plausible(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and abs(value) < _MAX_READING
 
 
 def _clean_tuple(
@@ -183,6 +191,21 @@ class PollSnapshot:
     def __post_init__(self) -> None:
         notes = list(self.cleaned)
         _clean(self, "error", _ERROR_MAX, notes)
+        for name in ("hashrate_ths", "power_w", "temperature_c"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, int | float)
+                and math.isfinite(value)
+                and abs(value) < _MAX_READING
+            ):
+                notes.append(f"{name}: {str(value)[:32]!r} is not a plausible number, ignored")
+                object.__setattr__(self, name, None)
+        fans = tuple(
+            f for f in self.fan_rpm[:_MAX_FANS] if isinstance(f, int) and 0 <= f < _MAX_RPM
+        )
+        if len(fans) != len(self.fan_rpm):
+            notes.append(f"fan_rpm: {len(self.fan_rpm) - len(fans)} implausible reading(s) ignored")
+            object.__setattr__(self, "fan_rpm", fans)
         pools = tuple(self.pools[:_MAX_POOLS])
         if len(self.pools) > _MAX_POOLS:
             notes.append(f"pools: {len(self.pools)} reported, the first {_MAX_POOLS} kept")
@@ -216,7 +239,7 @@ class PollSnapshot:
             hashrate_ths=None if self.hashrate_ths is None else max(0.0, self.hashrate_ths),
             power_w=None if self.power_w is None else max(0.0, self.power_w),
             temperature_c=self.temperature_c,
-            fan_rpm=[max(0, int(f)) for f in self.fan_rpm[:16]],
+            fan_rpm=list(self.fan_rpm),
             pools=[p.to_reading() for p in self.pools],
         )
 

@@ -59,6 +59,7 @@ from agent.errors import (
     Unreachable,
     Unsupported,
 )
+from contract.text import clean_text
 from firmware_profiles import Profiles, ResolvedProfile, load_profiles
 
 T = TypeVar("T")
@@ -175,6 +176,15 @@ def _text(value: Any) -> str | None:
 def _serial(value: Any) -> str | None:
     text = _text(value)
     return None if text is None or text.upper() in _NO_SERIAL else text
+
+
+def _mac_of(raw: Any, notes: list[str]) -> str | None:
+    """The normalised MAC; a value that is not one is ignored and noted, not dropped silently."""
+    mac = normalise_mac(raw)
+    if mac is None and raw is not None and str(raw).strip():
+        shown = clean_text(str(raw), 40).text
+        notes.append(f"mac: {shown!r} is not a MAC address, ignored")
+    return mac
 
 
 def _first_row(reply: Mapping[str, Any], section: str) -> dict[str, Any]:
@@ -370,6 +380,7 @@ class PyasicDriver(MinerDriver):
         return AuthFailed(f"{doing}: web login refused ({message})", ip=self.ip)
 
     async def _identify_antminer(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         web, rpc = self.miner.web, self.miner.rpc
         if web is None:
             # pyasic fell back to an RPC-only class: the model could not be read, which on a
@@ -388,7 +399,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(info.get("minertype")) or str(self.miner.model),
             firmware_version=_text(_first_row(version, "VERSION").get("CompileTime")),
-            mac=normalise_mac(info.get("macaddr")),
+            mac=_mac_of(info.get("macaddr"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="web:get_system_info.serinum" if serial else None,
             hashboard_serials=tuple(
@@ -398,6 +410,7 @@ class PyasicDriver(MinerDriver):
         )
 
     async def _identify_whatsminer(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         rpc = self.miner.rpc
         info, details, devs, version = await asyncio.gather(
             rpc.send_command("get_miner_info", allow_warning=False),
@@ -413,7 +426,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(_first_row(details, "DEVDETAILS").get("Model")) or str(self.miner.model),
             firmware_version=_text(vmsg.get("fw_ver")),
-            mac=normalise_mac(msg.get("mac")),
+            mac=_mac_of(msg.get("mac"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="rpc:get_miner_info.minersn" if serial else None,
             hashboard_serials=tuple(
@@ -424,6 +438,7 @@ class PyasicDriver(MinerDriver):
         )
 
     async def _identify_avalon(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         rpc = self.miner.rpc
         version = _first_row(await rpc.version(), "VERSION")
 
@@ -442,7 +457,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(version.get("PROD")) or str(self.miner.model),
             firmware_version=_text(version.get("VERSION")),
-            mac=normalise_mac(version.get("MAC")),
+            mac=_mac_of(version.get("MAC"), notes),
+            cleaned=tuple(notes),
             serial=None,  # the chassis serial is on the label only
             serial_source=None,
             control_board_serial=_serial(version.get("DNA")),
@@ -451,6 +467,7 @@ class PyasicDriver(MinerDriver):
 
     async def _identify_vnish(self) -> Identity:
         """/info and /chains/factory-info need no token: identity survives a wrong password."""
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         info, factory = await asyncio.gather(
             self._vnish_json("/api/v1/info"), self._vnish_json("/api/v1/chains/factory-info")
         )
@@ -464,7 +481,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(info.get("miner")) or str(self.miner.model),
             firmware_version=_text(info.get("fw_version")),
-            mac=normalise_mac(network.get("mac")),
+            mac=_mac_of(network.get("mac"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="web:/api/v1/info.serial" if serial else None,
             hashboard_serials=tuple(
@@ -489,6 +507,7 @@ class PyasicDriver(MinerDriver):
         return value
 
     async def _identify_generic(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         data = await self.miner.get_data(
             include=["serial_number", "mac", "hostname", "fw_ver", "hashboards"]
         )
@@ -497,7 +516,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=str(self.miner.model),
             firmware_version=_text(data.fw_ver),
-            mac=normalise_mac(data.mac),
+            mac=_mac_of(data.mac, notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="pyasic:serial_number" if serial else None,
             hashboard_serials=tuple(

@@ -23,7 +23,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.daemon import FleetAgent
-from agent.drivers import DriverFactory, DriverOptions
+from agent.drivers import DriverFactory, DriverOptions, fastpath
 from agent.drivers.base import Identity, PollSnapshot, PoolStatus
 from agent.errors import DriverError, MalformedReply
 from agent.outbox import Outbox
@@ -389,3 +389,44 @@ async def test_daemon_cycle_survives_a_hostile_peer_in_its_segment(
     assert {str(o.ip) for o in observations} == set(shard.miners)
     (failed,) = [e for e in events if e.kind == "identify_failed" and str(e.ip) == hostile]
     assert "oversized" in failed.detail
+
+
+async def test_a_mac_that_is_not_one_is_ignored_and_noted(farm: FarmFactory) -> None:
+    shard = await farm(miners=4, mix=MIX)
+    for personality in ("antminer", "whatsminer", "vnish", "avalon"):  # Avalon lowercases MACs
+        miner = first(shard, personality=personality)
+        await shard.inject_fault(
+            miner.ip, Fault.HOSTILE_STRINGS, {"field": "mac", "value": "=cmd|\x00' /c calc'!a0"}
+        )
+        drv = await DriverFactory(options=DriverOptions(timeout=2.0)).create(miner.ip)
+        identity = await drv.identify()
+        assert identity.mac is None, personality
+        assert identity.cleaned == (
+            f"mac: \"=cmd|{MARK}' /c calc'!a0\" is not a MAC address, ignored",
+        ), personality
+
+
+def test_hostile_numbers_in_a_reply_are_bounded() -> None:
+    """A fan count of 10^9 would build a billion-entry tuple; "inf" would reach int()."""
+    stats = {"STATS": [{}, {"fan_num": 1e9, "fan1": "inf", "fan2": "nan", "fan3": 1e300,
+                            "temp_num": "99999999", "temp2_1": "inf"}]}  # fmt: skip
+    summary = {"SUMMARY": [{"GHS 5s": "nan"}]}
+    pools = {"POOLS": [{"URL": "stratum+tcp://a:1", "User": "w", "Status": "Alive"}]}
+    for family in ("antminer_stock", "vnish"):
+        snapshot = fastpath.build_snapshot(
+            "127.0.0.1", family, {"pools": pools, "summary": summary, "stats": stats},
+            datetime.now(UTC),
+        )  # fmt: skip
+        assert len(snapshot.fan_rpm) == fastpath.MAX_COUNT
+        assert snapshot.hashrate_ths is None and snapshot.temperature_c is None
+        snapshot.to_observation()  # the contract takes it
+    odd = PollSnapshot(
+        "127.0.0.1", datetime.now(UTC), reachable=True, hashrate_ths=float("nan"),
+        power_w=float("inf"), fan_rpm=(-5, 10**12, 4200),
+    )  # fmt: skip
+    assert (odd.hashrate_ths, odd.power_w, odd.fan_rpm) == (None, None, (4200,))
+    assert odd.cleaned == (
+        "hashrate_ths: 'nan' is not a plausible number, ignored",
+        "power_w: 'inf' is not a plausible number, ignored",
+        "fan_rpm: 2 implausible reading(s) ignored",
+    )
