@@ -60,6 +60,7 @@ from agent.policy import PolicyGuard, PolicyRefused, policy_path
 from agent.uplink import Uplink
 from contract.policy import PolicyBundle
 from contract.reports import Event, EventSeverity, IdentityRecord, Observation, ReportBatch
+from contract.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _reason(error: BaseException) -> str:
+    """One clean line (what went wrong may quote a miner's own words)."""
     if isinstance(error, DriverError):
         return f"{error.kind}: {error.reason}"
-    return " ".join(f"error: {type(error).__name__}: {error}".split())[:300]  # one line
+    line = " ".join(f"error: {type(error).__name__}: {error}".split())
+    return clean_text(line, 300).text
 
 
 @dataclass

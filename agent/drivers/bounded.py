@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from agent.errors import MalformedReply, Timeout
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 END_GRACE_S = 1.0
 """How long the sandbox's tasks get to finish once their sockets are aborted and they are
@@ -114,6 +116,8 @@ class Sandbox:
                 task.cancel()
             remaining = deadline - loop.time()
             if remaining <= 0:
+                names = sorted(t.get_name() for t in pending)
+                log.warning("%d task(s) still running after abort: %s", len(pending), names)
                 return
             await asyncio.wait(pending, timeout=min(remaining, 0.05))
 

@@ -529,6 +529,8 @@ async def fast_poll(
         error: DriverError = Timeout(f"no complete reply within {timeout_s:g} s", ip=ip)
     except DriverError as exc:
         error = exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        error = MalformedReply(f"unparseable reply ({type(exc).__name__})", ip=ip)
     finally:
         if web is not None and not web.done():
             web.cancel()

@@ -430,3 +430,13 @@ def test_hostile_numbers_in_a_reply_are_bounded() -> None:
         "power_w: 'inf' is not a plausible number, ignored",
         "fan_rpm: 2 implausible reading(s) ignored",
     )
+
+
+def test_an_error_quoting_a_miner_is_clean_and_bounded() -> None:
+    """Driver errors quote miners (a Msg, an exception's text) and end up in events."""
+    error = MalformedReply("summary refused: \ud800\x00" + "M" * 5000, ip="127.0.0.1")
+    assert error.reason.startswith(f"summary refused: {MARK}{MARK}MMM")
+    assert len(error.reason) == 1000 and error.reason.endswith(MARK)
+    snapshot = PollSnapshot.failed("127.0.0.1", error)
+    Event(kind="identify_failed", at=datetime.now(UTC), detail=error.reason)  # contract takes it
+    snapshot.to_observation()
