@@ -167,8 +167,9 @@ class _Capped(asyncio.Protocol):
 def install(loop: asyncio.AbstractEventLoop) -> None:
     """Hook the loop once: tasks and connections made inside a sandbox are registered with it
     (outside any sandbox both hooks pass straight through)."""
-    if getattr(loop, _INSTALLED, False):
-        return
+    installed = getattr(loop, _INSTALLED, None)
+    if installed is not None and installed is loop.get_task_factory():
+        return  # (if someone replaced our task factory since, hook it again on top of theirs)
     previous_factory = loop.get_task_factory()
 
     def task_factory(
@@ -176,8 +177,11 @@ def install(loop: asyncio.AbstractEventLoop) -> None:
         coro: Coroutine[Any, Any, Any],
         context: contextvars.Context | None = None,
     ) -> asyncio.Future[Any]:
-        if previous_factory is not None:
-            task: asyncio.Future[Any] = previous_factory(loop, coro, context=context)  # type: ignore[call-arg]
+        task: asyncio.Future[Any]
+        if previous_factory is not None and context is None:
+            task = previous_factory(loop, coro)  # the legacy signature, as asyncio calls it
+        elif previous_factory is not None:
+            task = previous_factory(loop, coro, context=context)  # type: ignore[call-arg]
         else:
             task = asyncio.Task(coro, loop=loop, context=context)
         sandbox = context.get(_current) if context is not None else _current.get()
@@ -213,8 +217,9 @@ def install(loop: asyncio.AbstractEventLoop) -> None:
         return transport, protocol
 
     loop.set_task_factory(task_factory)  # type: ignore[arg-type]
-    setattr(loop, "create_connection", create_connection)  # noqa: B010 (instance, not class)
-    setattr(loop, _INSTALLED, True)
+    if installed is None:
+        setattr(loop, "create_connection", create_connection)  # noqa: B010 (instance, not class)
+    setattr(loop, _INSTALLED, task_factory)
 
 
 async def run_bounded(
