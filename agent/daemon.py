@@ -484,10 +484,11 @@ class FleetAgent:
         )
         now = utcnow()
         observation = snapshot.to_observation(identity or known)
-        notes = snapshot.cleaned + (identity.cleaned if identity is not None else ())
-        if identity is None and known is not None:
-            notes += known.cleaned
-        events = self._cleaning_events(ip, tuple(dict.fromkeys(notes)), now)
+        events: tuple[Event, ...] = ()
+        if polled:  # a failed poll read no strings: it changes nothing about what was cleaned
+            who = identity or known
+            notes = snapshot.cleaned + (who.cleaned if who is not None else ())
+            events = self._cleaning_events(ip, tuple(dict.fromkeys(notes)), now)
         fresh = identity.to_record(now) if identity else None
         return _Done(outcome, observation, fresh, events)
 
