@@ -351,6 +351,7 @@ async def _poll_one(ip: str, logins: dict[str, MinerLogin], timeout_s: float) ->
         "hashrate": snapshot.hashrate_ths,
         "power": snapshot.power_w,
         "is_mining": snapshot.is_mining,
+        "cleaned": list(dict.fromkeys(identity.cleaned + snapshot.cleaned)),
     }
 
 
@@ -380,6 +381,8 @@ def _print_miner(data: dict[str, Any]) -> None:
     for n, pool in enumerate(data["pools"], start=1):
         pools.add_row(str(n), pool["url"], pool["user"], str(pool["status"] or "-"))
     console.print(pools)
+    for note in data["cleaned"]:  # what the miner sent that had to be bounded or cleaned
+        typer.echo(f"cleaned: {note}", err=True)
 
 
 # --- status -------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from agent.policy import PolicyGuard, PolicyRefused, policy_path
 from agent.uplink import Uplink
 from contract.policy import PolicyBundle
 from contract.reports import Event, EventSeverity, IdentityRecord, Observation, ReportBatch
+from contract.text import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _reason(error: BaseException) -> str:
+    """One clean line (what went wrong may quote a miner's own words)."""
     if isinstance(error, DriverError):
         return f"{error.kind}: {error.reason}"
-    return f"error: {type(error).__name__}: {error}"[:300]
+    line = " ".join(f"error: {type(error).__name__}: {error}".split())
+    return clean_text(line, 300).text
 
 
 @dataclass
@@ -152,6 +155,7 @@ class _Done:
     outcome: Outcome
     observation: Observation | None
     identity: IdentityRecord | None
+    events: tuple[Event, ...] = ()
 
 
 class FleetAgent:
@@ -202,6 +206,7 @@ class FleetAgent:
         self._limits: dict[IPv4Network | None, asyncio.Semaphore] = {}
         self._held: list[ReportBatch] = []
         self._full_since: datetime | None = None
+        self._cleaned: dict[str, tuple[str, ...]] = {}
         self.policy = policy
         self.enforcer = Enforcer(
             self.factory, self.segments, enforcer_settings, data_dir=config.data_dir
@@ -240,10 +245,18 @@ class FleetAgent:
         )
         for ip in decision.dropped:
             self.factory.forget(ip)
-        out = Report(
-            identities=[result.found[ip].to_record(now) for ip in decision.added],
-            events=list(decision.events),
-        )
+        out = Report(events=list(decision.events))
+        for ip in decision.added:
+            found = result.found[ip]
+            try:  # one miner's identity that cannot be reported must not cost the scan
+                out.identities.append(found.to_record(now))
+            except Exception as exc:
+                log.exception("%s: identity cannot be reported", ip)
+                out.events.append(
+                    Event(kind="identity_unreportable", at=now, severity=EventSeverity.WARNING,
+                          ip=IPv4Address(ip), detail=_reason(exc)[:4096])
+                )  # fmt: skip
+            out.events.extend(self._cleaning_events(ip, found.cleaned, now))
         report.stored = await self.store(out)
         report.duration_s = result.duration_s
         report.probed = result.probed
@@ -315,6 +328,7 @@ class FleetAgent:
                 out.identities.append(item.identity)
             if item.observation is not None:
                 out.observations.append(item.observation)
+            out.events.extend(item.events)
         for skip in plan.skipped:
             report.skipped += 1
             if skip.observation is not None:
@@ -384,14 +398,43 @@ class FleetAgent:
                 return self._failed(task.ip, exc, utcnow())
 
     def _failed(self, ip: str, error: BaseException, at: datetime) -> _Done:
-        driver_error = error if isinstance(error, DriverError) else DriverError(_reason(error))
+        """This miner's failure as an outcome and an observation. Never raises: it runs after
+        the per-miner guard, so anything it raised would fail the cycle for every miner."""
+        reason = _reason(error)
+        driver_error = error if isinstance(error, DriverError) else DriverError(reason)
         snapshot = PollSnapshot.failed(ip, driver_error, at)
         record = self.coordinator.record_of(ip)
         known = record.identity if record is not None else None
-        reason = _reason(error)
         outcome = Outcome(ip=ip, polled=False, reachable=snapshot.reachable, error=reason)
-        observation = snapshot.to_observation(known) if known is not None else None
+        observation = None
+        if known is not None:
+            try:
+                observation = snapshot.to_observation(known)
+            except Exception:  # the kept identity itself is unusable: report the IP alone
+                log.exception("%s: kept identity unusable in a report", ip)
+                observation = snapshot.to_observation(None)
         return _Done(outcome, observation, None)
+
+    def _cleaning_events(self, ip: str, notes: tuple[str, ...], at: datetime) -> tuple[Event, ...]:
+        """One ``miner_data_cleaned`` event when what a miner's strings needed changes (not one
+        per poll): the evidence that its reported data was bounded or cleaned, and how."""
+        if self._cleaned.get(ip, ()) == notes:
+            return ()
+        if notes:
+            self._cleaned[ip] = notes
+        else:
+            self._cleaned.pop(ip, None)
+            return ()
+        detail = f"{ip}: strings from this miner were cleaned: " + "; ".join(notes)
+        event = Event(
+            kind="miner_data_cleaned",
+            at=at,
+            severity=EventSeverity.WARNING,
+            ip=IPv4Address(ip),
+            detail=detail[:4096],
+            data={"cleaned": list(notes[:50])},
+        )
+        return (event,)
 
     async def _work(self, task: Task) -> _Done:
         """Identify (if told to rebuild), poll, re-read identity (if due): one budget for all."""
@@ -441,7 +484,13 @@ class FleetAgent:
         )
         now = utcnow()
         observation = snapshot.to_observation(identity or known)
-        return _Done(outcome, observation, identity.to_record(now) if identity else None)
+        events: tuple[Event, ...] = ()
+        if polled:  # a failed poll read no strings: it changes nothing about what was cleaned
+            who = identity or known
+            notes = snapshot.cleaned + (who.cleaned if who is not None else ())
+            events = self._cleaning_events(ip, tuple(dict.fromkeys(notes)), now)
+        fresh = identity.to_record(now) if identity else None
+        return _Done(outcome, observation, fresh, events)
 
     # --- the outbox -----------------------------------------------------------------------------
 

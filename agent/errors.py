@@ -21,6 +21,11 @@ AgentError
 
 from __future__ import annotations
 
+from contract.text import clean_text
+
+MAX_REASON = 1000
+"""Longest reason a DriverError keeps (an observation's error field takes 1,024)."""
+
 
 class AgentError(Exception):
     """Base class for errors the agent raises on purpose."""
@@ -96,6 +101,9 @@ class DriverError(AgentError):
     kind = "error"
 
     def __init__(self, reason: str, *, ip: str | None = None) -> None:
+        # reasons quote what miners said (a Msg, an exception's text): bounded and cleaned like
+        # any miner string, so an error can always be logged, reported and stored
+        reason = clean_text(reason, MAX_REASON).text
         super().__init__(f"{ip}: {reason}" if ip else reason)
         self.reason = reason
         self.ip = ip

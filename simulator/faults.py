@@ -19,6 +19,12 @@ FOREIGN_POOL = {
     "password": "x",
 }
 CHANGED_PASSWORD = "s3cr3t-changed"
+HOSTILE_FIELDS = (
+    "serial", "hostname", "model", "firmware_version", "mac", "control_board_serial",
+    "psu_serial", "hashboard_serial", "worker", "pool_url",
+)  # fmt: skip
+"""Where ``hostile_strings`` can put a hostile value (worker and pool_url: the first slot)."""
+DEFAULT_HOSTILE = {"field": "serial", "value": "S" * 300}
 
 
 def parse_fault_spec(spec: str) -> dict[Fault, float]:
@@ -60,6 +66,8 @@ def default_params(fault: Fault, rng: random.Random, miner: MinerState) -> dict[
         return {"pool": FOREIGN_POOL}
     if fault is Fault.DEAD_HASHBOARD:
         return {"board": rng.randrange(max(1, len(miner.hashboards)))}
+    if fault is Fault.HOSTILE_STRINGS:
+        return dict(DEFAULT_HOSTILE)
     return {}
 
 
@@ -105,6 +113,17 @@ def inject(miner: MinerState, fault: Fault, params: dict[str, Any], now: float) 
             params.get("control_board_serial") or _new_serial_like(miner.control_board_serial, rng)
         )
         params["control_board_serial"] = miner.control_board_serial
+    elif fault is Fault.HOSTILE_STRINGS:
+        params.setdefault("field", DEFAULT_HOSTILE["field"])
+        params.setdefault("value", DEFAULT_HOSTILE["value"])
+        field, value = params["field"], params["value"]
+        if field not in HOSTILE_FIELDS or not isinstance(value, str):
+            raise FarmSpecError(
+                f'hostile_strings needs {{"field": one of {", ".join(HOSTILE_FIELDS)}, '
+                '"value": "…"}'
+            )
+        params["_saved"] = _hostile_field(miner, field)
+        _set_hostile_field(miner, field, value)
     miner.faults[fault] = params
     miner.log(now, "control", "fault", detail=f"injected {fault}")
 
@@ -129,7 +148,35 @@ def clear(miner: MinerState, fault: Fault | None, now: float) -> None:
             miner.malware_revert_at = None
         elif target is Fault.WRITE_AFTER_REBOOT:
             miner.pending_pools = None
+        elif target is Fault.HOSTILE_STRINGS and isinstance(saved, str):
+            _set_hostile_field(miner, str(params["field"]), saved)
         miner.log(now, "control", "fault", detail=f"cleared {target}")
+
+
+def _hostile_field(miner: MinerState, field: str) -> str:
+    if field == "hashboard_serial":
+        return miner.hashboards[0].serial if miner.hashboards else ""
+    if field in ("worker", "pool_url"):
+        pool = miner.pools[0] if miner.pools else Pool("", "")
+        return pool.user if field == "worker" else pool.url
+    return str(getattr(miner, field))
+
+
+def _set_hostile_field(miner: MinerState, field: str, value: str) -> None:
+    """Put ``value`` where the firmware reports ``field`` (the personalities render it as is;
+    JSON carries a lone surrogate or NUL as a ``\\uXXXX`` escape, as a hostile miner would)."""
+    if field == "hashboard_serial":
+        if miner.hashboards:
+            miner.hashboards[0].serial = value
+    elif field in ("worker", "pool_url"):
+        if not miner.pools:
+            miner.pools = [Pool("", "")]
+        if field == "worker":
+            miner.pools[0].user = value
+        else:
+            miner.pools[0].url = value
+    else:
+        setattr(miner, field, value)
 
 
 def _check_pools(pools: Any) -> None:

@@ -47,6 +47,7 @@ class Fault(StrEnum):
     DUPLICATE_SERIAL = "duplicate_serial"
     MAC_CHANGE = "mac_change"
     DEAD_HASHBOARD = "dead_hashboard"
+    HOSTILE_STRINGS = "hostile_strings"
 
 
 # Mode -> (hashrate factor, power factor) relative to the model's nominal figures.

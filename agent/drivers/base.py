@@ -8,6 +8,7 @@ fast path cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -18,15 +19,63 @@ from ipaddress import IPv4Address
 from agent.errors import DriverError, Unsupported
 from contract.compliance import DEVFEE_URL, bare_host
 from contract.reports import IdentityRecord, Observation, PoolReading
+from contract.text import clean_text, max_length
 
 DEVFEE = "devfee"
 USER = "user"
 DEFAULT_SCHEME = "stratum+tcp://"
 _HEX12 = re.compile(r"^[0-9A-Fa-f]{12}$")
+_POOL_URL_MAX = max_length(PoolReading, "url")
+_POOL_USER_MAX = max_length(PoolReading, "user")
+_ERROR_MAX = max_length(Observation, "error")
+_SERIAL_MAX = max_length(IdentityRecord, "serial")
+_MAX_POOLS = max_length(Observation, "pools")
+_MAX_BOARDS = max_length(IdentityRecord, "hashboard_serials")
+_MAX_FANS = max_length(Observation, "fan_rpm")
+_MAX_RPM = 1_000_000
+_MAX_READING = 1e12  # no hashrate (TH/s), power (W) or temperature (°C) comes near this
+_IDENTITY_TEXT = {
+    name: max_length(IdentityRecord, name)
+    for name in (
+        "make", "model", "firmware", "firmware_version", "mac", "serial", "serial_source",
+        "control_board_serial", "psu_serial", "hostname",
+    )
+}  # fmt: skip
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# --- miner strings are data -----------------------------------------------------------------
+# Every string a miner supplies passes through :func:`_clean` when a snapshot is built (in
+# ``__post_init__``, so no backend can skip it): bounded to the contract's limit, NUL and
+# invalid code points replaced, and each change noted in the snapshot's ``cleaned``.
+
+
+def _clean(owner: object, name: str, limit: int, notes: list[str]) -> None:
+    value = getattr(owner, name)
+    if value is None:
+        return
+    result = clean_text(value if isinstance(value, str) else str(value), limit)
+    notes.extend(f"{name}: {note}" for note in result.notes)
+    if result.text != value:
+        object.__setattr__(owner, name, result.text)
+
+
+def _plausible(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and abs(value) < _MAX_READING
+
+
+def _clean_tuple(
+    values: Sequence[str], limit: int, notes: list[str], label: str
+) -> tuple[str, ...]:
+    out = []
+    for n, value in enumerate(values, start=1):
+        result = clean_text(value if isinstance(value, str) else str(value), limit)
+        notes.extend(f"{label} {n}: {note}" for note in result.notes)
+        out.append(result.text)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +108,19 @@ class PoolStatus:
     status: str | None = None  # "alive" | "dead"
     active: bool | None = None
     kind: str = USER  # "user" | "devfee"
+    cleaned: tuple[str, ...] = ()
+    """What cleaning the miner's strings took (see :mod:`contract.text`); empty: nothing."""
+
+    def __post_init__(self) -> None:
+        notes = list(self.cleaned)
+        _clean(self, "url", _POOL_URL_MAX, notes)
+        _clean(self, "user", _POOL_USER_MAX, notes)
+        object.__setattr__(self, "cleaned", tuple(dict.fromkeys(notes)))
 
     def to_reading(self) -> PoolReading:
         return PoolReading(
-            url=self.url[:512], user=self.user[:512], status=self.status, active=self.active,
-            kind=self.kind,
-        )  # fmt: skip
+            url=self.url, user=self.user, status=self.status, active=self.active, kind=self.kind
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +140,18 @@ class Identity:
     hashboard_serials: tuple[str, ...] = ()
     psu_serial: str | None = None
     hostname: str | None = None
+    cleaned: tuple[str, ...] = ()
+    """What cleaning the miner's strings took (see :mod:`contract.text`); empty: nothing."""
+
+    def __post_init__(self) -> None:
+        notes = list(self.cleaned)
+        for name, limit in _IDENTITY_TEXT.items():
+            _clean(self, name, limit, notes)
+        boards = _clean_tuple(
+            self.hashboard_serials[:_MAX_BOARDS], _SERIAL_MAX, notes, "hashboard serial"
+        )
+        object.__setattr__(self, "hashboard_serials", boards)
+        object.__setattr__(self, "cleaned", tuple(dict.fromkeys(notes)))
 
     def to_record(self, observed_at: datetime | None = None) -> IdentityRecord:
         return IdentityRecord(
@@ -93,7 +161,7 @@ class Identity:
             serial=self.serial,
             serial_source=self.serial_source,
             control_board_serial=self.control_board_serial,
-            hashboard_serials=list(self.hashboard_serials[:16]),
+            hashboard_serials=list(self.hashboard_serials),
             psu_serial=self.psu_serial,
             make=self.make,
             model=self.model,
@@ -117,6 +185,34 @@ class PollSnapshot:
     temperature_c: float | None = None
     fan_rpm: tuple[int, ...] = ()
     pools: tuple[PoolStatus, ...] = field(default_factory=tuple)
+    cleaned: tuple[str, ...] = ()
+    """What cleaning the miner's strings took, pools included (see :mod:`contract.text`)."""
+
+    def __post_init__(self) -> None:
+        notes = list(self.cleaned)
+        _clean(self, "error", _ERROR_MAX, notes)
+        for name in ("hashrate_ths", "power_w", "temperature_c"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, int | float)
+                and math.isfinite(value)
+                and abs(value) < _MAX_READING
+            ):
+                notes.append(f"{name}: {str(value)[:32]!r} is not a plausible number, ignored")
+                object.__setattr__(self, name, None)
+        fans = tuple(
+            f for f in self.fan_rpm[:_MAX_FANS] if isinstance(f, int) and 0 <= f < _MAX_RPM
+        )
+        if len(fans) != len(self.fan_rpm):
+            notes.append(f"fan_rpm: {len(self.fan_rpm) - len(fans)} implausible reading(s) ignored")
+            object.__setattr__(self, "fan_rpm", fans)
+        pools = tuple(self.pools[:_MAX_POOLS])
+        if len(self.pools) > _MAX_POOLS:
+            notes.append(f"pools: {len(self.pools)} reported, the first {_MAX_POOLS} kept")
+        for n, pool in enumerate(pools, start=1):
+            notes.extend(f"pool {n} {note}" for note in pool.cleaned)
+        object.__setattr__(self, "pools", pools)
+        object.__setattr__(self, "cleaned", tuple(dict.fromkeys(notes)))
 
     @classmethod
     def failed(
@@ -136,15 +232,15 @@ class PollSnapshot:
             ip=IPv4Address(self.ip),
             observed_at=self.observed_at,
             reachable=self.reachable,
-            error=None if self.error is None else self.error[:1024],
+            error=self.error,
             mac=identity.mac if identity else None,
             serial=identity.serial if identity else None,
             is_mining=self.is_mining,
             hashrate_ths=None if self.hashrate_ths is None else max(0.0, self.hashrate_ths),
             power_w=None if self.power_w is None else max(0.0, self.power_w),
             temperature_c=self.temperature_c,
-            fan_rpm=[max(0, int(f)) for f in self.fan_rpm[:16]],
-            pools=[p.to_reading() for p in self.pools[:16]],
+            fan_rpm=list(self.fan_rpm),
+            pools=[p.to_reading() for p in self.pools],
         )
 
 

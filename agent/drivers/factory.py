@@ -21,6 +21,7 @@ from pyasic.miners.factory import MinerFactory, MinerTypes, miner_factory
 
 from agent.drivers import fastpath
 from agent.drivers.base import Credentials, MinerLogin
+from agent.drivers.bounded import run_bounded
 from agent.drivers.pyasic_backend import DriverOptions, PyasicDriver, classify
 from agent.errors import DriverError, Timeout, Unreachable, Unsupported
 from firmware_profiles import Profiles, load_profiles
@@ -113,14 +114,24 @@ class DriverFactory:
         return self._drivers
 
     async def create(self, ip: str) -> PyasicDriver:
-        """pyasic's factory under our timeout, cross-checked, wrapped in a PyasicDriver."""
+        """pyasic's factory under our deadline and byte cap (:mod:`agent.drivers.bounded`: its
+        tasks and sockets end at the deadline), cross-checked, wrapped in a PyasicDriver."""
+
+        async def identify() -> Any:
+            miner = await pyasic.get_miner(ip)
+            if miner is None:
+                raise await _why_not_found(ip, self.identify_timeout)
+            return await cross_check(ip, miner, min(self.identify_timeout, 3.0))
+
         try:
-            async with asyncio.timeout(self.identify_timeout):
-                miner = await pyasic.get_miner(ip)
-                if miner is None:
-                    raise await _why_not_found(ip, self.identify_timeout)
-                miner = await cross_check(ip, miner, min(self.identify_timeout, 3.0))
-        except TimeoutError:
+            miner = await run_bounded(
+                identify,
+                ip=ip,
+                what="identify",
+                timeout_s=self.identify_timeout,
+                max_bytes=self.options.max_reply_bytes,
+            )
+        except Timeout:
             raise Timeout(f"not identified within {self.identify_timeout:g} s", ip=ip) from None
         except DriverError:
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -32,6 +33,8 @@ from agent.errors import AuthFailed, DriverError, MalformedReply, Timeout, Unrea
 
 RPC_PORT = 4028
 MAX_REPLY_BYTES = 1 << 20  # a full stats reply is ~5-11 KB; anything near a MiB is garbage
+MAX_COUNT = 16
+"""Most fans or boards a reply may claim (the contract keeps 16 fan readings)."""
 COMMANDS: dict[str, tuple[str, ...]] = {
     "antminer_stock": ("pools", "summary", "stats"),
     "vnish": ("pools", "summary", "stats"),
@@ -302,16 +305,26 @@ class VnishWeb:
 
 
 def _num(value: Any) -> float | None:
+    """A finite number from a reply field; None for anything else (NaN and inf included: a
+    hostile ``"inf"`` must not reach ``int()`` or a sum)."""
     if isinstance(value, bool) or value is None:
         return None
+    number: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value) if abs(value) < 1e300 else None
+    elif isinstance(value, str) and len(value) <= 64:
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
             return None
-    return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _count(value: Any, default: int) -> int:
+    """A count of fans or boards from a reply, bounded (a hostile ``fan_num`` of 10^9 would
+    otherwise build a billion-entry tuple)."""
+    number = _num(value)
+    return max(0, min(int(number) if number else default, MAX_COUNT))
 
 
 def _rows(reply: Mapping[str, Any] | None, section: str) -> list[dict[str, Any]]:
@@ -342,7 +355,7 @@ def parse_pools(reply: Mapping[str, Any] | None) -> tuple[PoolStatus, ...]:
 
 def _fans_cgminer(stats: Mapping[str, Any]) -> tuple[int, ...]:
     """fan1..fanN as BMMiner prints them (pyasic starts at fan5 when fan1-4 are all zero)."""
-    count = int(_num(stats.get("fan_num")) or 4)
+    count = _count(stats.get("fan_num"), 4)
     offset = 1
     if not any(_num(stats.get(f"fan{i}")) for i in range(1, 5)) and any(
         _num(stats.get(f"fan{i}")) for i in range(5, 9)
@@ -386,7 +399,7 @@ def _vnish(replies: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     summary = (_rows(replies.get("summary"), "SUMMARY") or [{}])[0]
     stats = _legacy_stats(replies.get("stats"))
     ghs = _num(summary.get("GHS 5s"))
-    boards = int(_num(stats.get("temp_num")) or _num(stats.get("miner_count")) or 3)
+    boards = _count(stats.get("temp_num") or stats.get("miner_count"), 3)
     temps = [_num(stats.get(f"temp2_{i}")) for i in range(1, boards + 1)]
     return {
         "hashrate_ths": None if ghs is None else ghs / 1000,
@@ -516,6 +529,8 @@ async def fast_poll(
         error: DriverError = Timeout(f"no complete reply within {timeout_s:g} s", ip=ip)
     except DriverError as exc:
         error = exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        error = MalformedReply(f"unparseable reply ({type(exc).__name__})", ip=ip)
     finally:
         if web is not None and not web.done():
             web.cancel()

@@ -50,6 +50,7 @@ from agent.drivers.base import (
     pool_kind,
     utcnow,
 )
+from agent.drivers.bounded import run_bounded
 from agent.errors import (
     AuthFailed,
     DriverError,
@@ -58,6 +59,7 @@ from agent.errors import (
     Unreachable,
     Unsupported,
 )
+from contract.text import clean_text
 from firmware_profiles import Profiles, ResolvedProfile, load_profiles
 
 T = TypeVar("T")
@@ -176,6 +178,15 @@ def _serial(value: Any) -> str | None:
     return None if text is None or text.upper() in _NO_SERIAL else text
 
 
+def _mac_of(raw: Any, notes: list[str]) -> str | None:
+    """The normalised MAC; a value that is not one is ignored and noted, not dropped silently."""
+    mac = normalise_mac(raw)
+    if mac is None and raw is not None and str(raw).strip():
+        shown = clean_text(str(raw), 40).text
+        notes.append(f"mac: {shown!r} is not a MAC address, ignored")
+    return mac
+
+
 def _first_row(reply: Mapping[str, Any], section: str) -> dict[str, Any]:
     rows = reply.get(section)
     if isinstance(rows, list) and rows and isinstance(rows[0], dict):
@@ -248,9 +259,13 @@ class PyasicDriver(MinerDriver):
         return default
 
     async def _guard(self, what: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """``call`` bounded (deadline and byte cap, see :mod:`agent.drivers.bounded`); every
+        exception comes out as a DriverError."""
         try:
-            async with asyncio.timeout(timeout_s):
-                return await call()
+            return await run_bounded(
+                call, ip=self.ip, what=what, timeout_s=timeout_s,
+                max_bytes=self.options.max_reply_bytes,
+            )  # fmt: skip
         except Exception as exc:
             raise classify(exc, self.ip, what) from exc
 
@@ -283,18 +298,24 @@ class PyasicDriver(MinerDriver):
     async def poll_pyasic(self) -> PollSnapshot:
         """``get_data(include=HOT_FIELDS)`` with our fixes; never raises."""
         observed_at = utcnow()
+
+        async def read() -> PollSnapshot | DriverError:
+            data, pools = await self._hot_data()
+            snapshot = snapshot_from_data(self.ip, data, pools, observed_at)
+            return snapshot if snapshot is not None else await self._diagnose()
+
         try:
-            async with asyncio.timeout(self.options.timeout):
-                data, pools = await self._hot_data()
-                snapshot = snapshot_from_data(self.ip, data, pools, observed_at)
-                if snapshot is not None:
-                    return snapshot
-                error = await self._diagnose()
-        except TimeoutError:
-            error = Timeout(f"no complete reply within {self.options.timeout:g} s", ip=self.ip)
+            result = await run_bounded(
+                read, ip=self.ip, what="poll", timeout_s=self.options.timeout,
+                max_bytes=self.options.max_reply_bytes,
+            )  # fmt: skip
+        except Timeout:
+            result = Timeout(f"no complete reply within {self.options.timeout:g} s", ip=self.ip)
         except Exception as exc:
-            error = classify(exc, self.ip, "poll")
-        return PollSnapshot.failed(self.ip, error, observed_at)
+            result = classify(exc, self.ip, "poll")
+        if isinstance(result, PollSnapshot):
+            return result
+        return PollSnapshot.failed(self.ip, result, observed_at)
 
     async def _hot_data(self) -> tuple[Any, tuple[PoolStatus, ...] | None]:
         try:
@@ -359,6 +380,7 @@ class PyasicDriver(MinerDriver):
         return AuthFailed(f"{doing}: web login refused ({message})", ip=self.ip)
 
     async def _identify_antminer(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         web, rpc = self.miner.web, self.miner.rpc
         if web is None:
             # pyasic fell back to an RPC-only class: the model could not be read, which on a
@@ -377,7 +399,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(info.get("minertype")) or str(self.miner.model),
             firmware_version=_text(_first_row(version, "VERSION").get("CompileTime")),
-            mac=normalise_mac(info.get("macaddr")),
+            mac=_mac_of(info.get("macaddr"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="web:get_system_info.serinum" if serial else None,
             hashboard_serials=tuple(
@@ -387,6 +410,7 @@ class PyasicDriver(MinerDriver):
         )
 
     async def _identify_whatsminer(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         rpc = self.miner.rpc
         info, details, devs, version = await asyncio.gather(
             rpc.send_command("get_miner_info", allow_warning=False),
@@ -402,7 +426,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(_first_row(details, "DEVDETAILS").get("Model")) or str(self.miner.model),
             firmware_version=_text(vmsg.get("fw_ver")),
-            mac=normalise_mac(msg.get("mac")),
+            mac=_mac_of(msg.get("mac"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="rpc:get_miner_info.minersn" if serial else None,
             hashboard_serials=tuple(
@@ -413,6 +438,7 @@ class PyasicDriver(MinerDriver):
         )
 
     async def _identify_avalon(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         rpc = self.miner.rpc
         version = _first_row(await rpc.version(), "VERSION")
 
@@ -431,7 +457,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(version.get("PROD")) or str(self.miner.model),
             firmware_version=_text(version.get("VERSION")),
-            mac=normalise_mac(version.get("MAC")),
+            mac=_mac_of(version.get("MAC"), notes),
+            cleaned=tuple(notes),
             serial=None,  # the chassis serial is on the label only
             serial_source=None,
             control_board_serial=_serial(version.get("DNA")),
@@ -440,6 +467,7 @@ class PyasicDriver(MinerDriver):
 
     async def _identify_vnish(self) -> Identity:
         """/info and /chains/factory-info need no token: identity survives a wrong password."""
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         info, factory = await asyncio.gather(
             self._vnish_json("/api/v1/info"), self._vnish_json("/api/v1/chains/factory-info")
         )
@@ -453,7 +481,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=_text(info.get("miner")) or str(self.miner.model),
             firmware_version=_text(info.get("fw_version")),
-            mac=normalise_mac(network.get("mac")),
+            mac=_mac_of(network.get("mac"), notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="web:/api/v1/info.serial" if serial else None,
             hashboard_serials=tuple(
@@ -478,6 +507,7 @@ class PyasicDriver(MinerDriver):
         return value
 
     async def _identify_generic(self) -> Identity:
+        notes: list[str] = []  # what cleaning the MAC took (strings: Identity itself)
         data = await self.miner.get_data(
             include=["serial_number", "mac", "hostname", "fw_ver", "hashboards"]
         )
@@ -486,7 +516,8 @@ class PyasicDriver(MinerDriver):
             **self._base(),
             model=str(self.miner.model),
             firmware_version=_text(data.fw_ver),
-            mac=normalise_mac(data.mac),
+            mac=_mac_of(data.mac, notes),
+            cleaned=tuple(notes),
             serial=serial,
             serial_source="pyasic:serial_number" if serial else None,
             hashboard_serials=tuple(
