@@ -499,13 +499,11 @@ def _raise_conflicts(
             )
         ).scalars()
     )
-    sites = dict(
-        conn.execute(
-            select(SITE.c.id, SITE.c.name).where(
-                SITE.c.id.in_(sorted({c.holder.site_id for c in conflicts} | {agent.site_id or 0}))
-            )
-        ).tuples()
-    )
+    wanted = sorted({c.holder.site_id for c in conflicts} | {agent.site_id or 0})
+    sites = {
+        row.id: row.name
+        for row in conn.execute(select(SITE.c.id, SITE.c.name).where(SITE.c.id.in_(wanted)))
+    }
     rows = []
     for pk, found in by_machine.items():
         if pk in open_:
