@@ -14,11 +14,17 @@ from collections.abc import Mapping
 from typing import Any
 
 REPLACEMENT = "\ufffd"
-_BAD = re.compile("[\x00\ud800-\udfff]")
+BAD_TEXT = re.compile("[\x00\ud800-\udfff]")  # what no database stores
+_BAD = BAD_TEXT
 
 MAX_DATA_DEPTH = 8  # nesting of structured event data
 MAX_DATA_ITEMS = 256  # keys or list items per level
 MAX_DATA_TEXT = 4096  # any string inside structured data
+
+
+def needs_cleaning(value: str, max_len: int) -> bool:
+    """The cheap test (most strings are clean): would :func:`clean_text` change ``value``?"""
+    return len(value) > max_len or _BAD.search(value) is not None
 
 
 def clean_text(value: str, max_len: int) -> tuple[str, list[str]]:

@@ -86,3 +86,39 @@ def test_policy_signing_bytes_exclude_the_signature_and_are_stable() -> None:
     assert b'"version":3' in bundle.signing_bytes()
     changed = bundle.model_copy(update={"version": 4})
     assert changed.signing_bytes() != bundle.signing_bytes()
+
+
+def test_report_text_is_cleaned_with_notes_never_refusing_the_batch() -> None:
+    body = batch(
+        observations=[
+            {
+                "ip": "127.10.0.1",
+                "observed_at": "2026-11-01T00:00:00Z",
+                "reachable": True,
+                "serial": "S" * 300,
+                "error": "bad\x00byte",
+                "pools": [{"url": "stratum+tcp://p\ud800:1", "user": "w"}],
+            }
+        ],
+        events=[{"kind": "odd", "at": "2026-11-01T00:00:00Z", "data": {"k": "\x00"}}],
+    )
+    parsed = ReportBatch.model_validate(body)
+    [obs] = parsed.observations
+    assert len(obs.serial or "") == 128 and obs.error == "bad\ufffdbyte"
+    assert obs.pools[0].url == "stratum+tcp://p\ufffd:1"
+    assert obs.cleaned == [
+        "error: NUL replaced",
+        "pools[0].url: invalid code point replaced",
+        "serial: cut to 128 characters (was 300)",
+    ]
+    assert parsed.events[0].data == {"k": "\ufffd"}
+    assert parsed.events[0].cleaned == ["data.k: NUL replaced"]
+    # The notes travel: what the agent cleaned is still said on the controller's side.
+    again = ReportBatch.model_validate_json(parsed.model_dump_json())
+    assert again.observations[0].cleaned == obs.cleaned
+    # Limits are documented in the schema though enforced by cutting.
+    schema = Observation.model_json_schema()
+    assert schema["properties"]["serial"]["maxLength"] == 128
+    # Clean input is returned as it came, with no notes.
+    clean = ReportBatch.model_validate(batch())
+    assert clean.observations[0].cleaned == []
