@@ -274,7 +274,7 @@ class ReportBatch(Message):
                     item["cleaned"] = [*(prior if isinstance(prior, list) else []), *notes]
                 cleaned_items.append(item)
             out[name] = cleaned_items
-        return handler(_clean_raw(out, []))
+        return handler(out)  # a surrogate outside the items is refused as before
 
     batch_id: uuid.UUID
     agent_clock: AwareDatetime = Field(description="the agent's clock when it sealed the batch")
