@@ -954,7 +954,12 @@ def _apply_observations(
         mine = [k for k in holders if k.site_id is None or k.site_id == agent.site_id]
         by_mac = _index(mine, lambda k: k.mac)
         foreign_mac = _index(
-            (k for k in holders if k not in mine and k.state != LifecycleState.DECOMMISSIONED),
+            (
+                k
+                for k in holders
+                if k.site_id not in (None, agent.site_id)
+                and k.state != LifecycleState.DECOMMISSIONED
+            ),
             lambda k: k.mac,
         )
 

@@ -34,7 +34,7 @@ from controller.models import (
     SitePolicy,
     utcnow,
 )
-from tests.controller.conftest import UserFactory
+from tests.controller.conftest import CliInvoker, UserFactory
 from tests.controller.test_ingest import (
     AgentCred,
     batch,
@@ -272,7 +272,11 @@ def test_items_dated_outside_the_window_are_refused_per_item(
 
 
 def test_skew_inside_the_allowance_is_accepted_and_measured(
-    app_client: TestClient, engine: Engine, agent: AgentCred, make_user: UserFactory
+    app_client: TestClient,
+    engine: Engine,
+    agent: AgentCred,
+    make_user: UserFactory,
+    cli: CliInvoker,
 ) -> None:
     ok(app_client, agent, batch(identities=[identity("10.1.0.5", "aa:bb:cc:00:00:01", "SN1")]))
     fast = utcnow() + timedelta(seconds=90)  # the agent's clock runs 90 s ahead
@@ -288,6 +292,13 @@ def test_skew_inside_the_allowance_is_accepted_and_measured(
         assert row is not None and row.clock_skew_s == ack["clock_skew_s"]
     listed = app_client.get("/api/v1/agents", headers=make_user(Role.TECHNICIAN).headers).json()
     assert [a["clock_skew_s"] for a in listed if a["id"] == agent.id] == [ack["clock_skew_s"]]
+    # The CLI reads the same record.
+    shown = cli("agent", "list", "--json")
+    assert shown.exit_code == 0, shown.output
+    [row] = [a for a in json.loads(shown.stdout) if a["id"] == agent.id]
+    assert row["clock_skew_s"] == ack["clock_skew_s"]
+    table = cli("agent", "list")
+    assert f"{ack['clock_skew_s']:+.1f}s" in table.stdout
 
 
 # --- text --------------------------------------------------------------------------------------
