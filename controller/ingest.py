@@ -216,22 +216,27 @@ def _ingest(
 
     def admit(kind: str, index: int, item: IdentityRecord | Observation | Event) -> bool:
         ip = item.ip
-        if ip is not None and ip not in segments:
+        if ip is None:
+            ip_text = "-"
+        elif ip not in segments:
             refuse(kind, index, ip, OUTSIDE, "outside this agent's segments")
             return False
+        else:
+            ip_text = str(ip)
         at = item.at if isinstance(item, Event) else item.observed_at
         late = window.refuse(at, "at" if isinstance(item, Event) else "observed_at")
         if late is not None:
-            refuse(kind, index, ip, OUT_OF_TIME, late, at=at.isoformat())
+            refuse(kind, index, ip_text, OUT_OF_TIME, late, at=at.isoformat())
             return False
         damaged = None if isinstance(item, Event) else damaged_key(item.cleaned)
         if damaged is not None:
-            refuse(
-                kind, index, ip, DAMAGED, f"{damaged}: a damaged identity key cannot name a machine"
-            )
+            reason = f"{damaged}: a damaged identity key cannot name a machine"
+            refuse(kind, index, ip_text, DAMAGED, reason)
             return False
-        if item.cleaned:
-            cleaned.append(f"{kind} {index} ({ip}): stored cleaned: " + "; ".join(item.cleaned))
+        if item.cleaned:  # listed in the ack unless the item is refused later
+            cleaned.append(
+                f"{kind} {index} ({ip_text}): stored cleaned: " + "; ".join(item.cleaned)
+            )
         return True
 
     site_id = agent.site_id
@@ -290,7 +295,7 @@ def _ingest(
         identities=placeable,
         events=len(events),
         refused=refused,
-        cleaned=cleaned,
+        cleaned=[c for c in cleaned if not any(r.startswith(c.split(")", 1)[0]) for r in refused)],
         received_at=now,
         clock_skew_s=skew,
     )

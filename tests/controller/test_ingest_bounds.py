@@ -316,7 +316,8 @@ def test_hostile_text_is_stored_cleaned_or_refused_per_item_never_a_500(
             identity("10.1.0.7", "aa:bb:cc:00:00:03", "S" * 300),
         ],
         observations=[
-            observation("10.1.0.5", error=f"boom{bad}", pools=[{"url": f"stratum+tcp://p{bad}:1"}])
+            observation("10.1.0.5", error=f"boom{bad}", pools=[{"url": f"stratum+tcp://p{bad}:1"}]),
+            observation("10.1.0.9", error=f"x{bad}"),  # cleaned, but nothing known there
         ],
         events=[
             {
@@ -340,6 +341,7 @@ def test_hostile_text_is_stored_cleaned_or_refused_per_item_never_a_500(
         f"identity 1 (10.1.0.6): serial: {what}: a damaged identity key cannot name a machine",
         "identity 2 (10.1.0.7): serial: cut to 128 characters (was 300): a damaged identity "
         "key cannot name a machine",
+        "observation 1 (10.1.0.9): no machine known at this address (report its identity first)",
     ]
     assert ack["cleaned"] == [
         f"identity 0 (10.1.0.5): stored cleaned: hostname: {what}",
