@@ -10,7 +10,6 @@ identity key) is its decision, reported per item in the :class:`BatchAck`.
 
 from __future__ import annotations
 
-import json
 import uuid
 from enum import StrEnum
 from functools import cache
@@ -119,6 +118,26 @@ class Cleaned(WireModel):
         cls._list_limits = tuple(cls._item_limits.items())
         cls._nested_limits = tuple((n, _text_limits(m)) for n, m in cls._nested.items())
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Cleaned]) -> Cleaned:
+        """A lone surrogate (Python input can hold one: a JSON body parsed by the API, a
+        miner's string on the agent) makes the core's string check refuse the item: then,
+        and only then, every surrogate and NUL in it is replaced and noted, and it is
+        validated again."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not isinstance(data, dict) or all(
+                e["type"] != "string_unicode" for e in exc.errors()
+            ):
+                raise
+        notes: list[str] = []
+        item = _clean_raw(data, notes)
+        prior = item.get("cleaned")
+        item["cleaned"] = [*(prior if isinstance(prior, list) else []), *notes]
+        return handler(item)
+
     @model_validator(mode="after")
     def _clean(self) -> Cleaned:
         data = self.__dict__.get("data")
@@ -217,16 +236,6 @@ class Event(Cleaned):
     )
 
 
-def _storable(data: dict[str, Any]) -> bool:
-    """Can every string in ``data`` be encoded as UTF-8 (no lone surrogate)? One C-speed
-    pass: the validator's own string check would refuse the whole batch otherwise."""
-    try:
-        json.dumps(data, ensure_ascii=False, default=str).encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _clean_raw(item: Any, notes: list[str], path: str = "") -> Any:
     """``item`` with every string cleaned of NUL and lone surrogates (before validation)."""
     if isinstance(item, str):
@@ -246,35 +255,6 @@ def _clean_raw(item: Any, notes: list[str], path: str = "") -> Any:
 
 class ReportBatch(Message):
     """A batch the agent pushes; ``batch_id`` makes re-delivery idempotent."""
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[ReportBatch]) -> ReportBatch:
-        """A lone surrogate (only Python input can hold one, e.g. a JSON body parsed by the
-        API) makes the string check refuse the whole batch: then, and only then, it is
-        replaced in the item that held it and noted there, like any cleaning."""
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            if not isinstance(data, dict) or all(
-                e["type"] != "string_unicode" for e in exc.errors()
-            ):
-                raise
-        out = dict(data)
-        for name in ("observations", "identities", "events"):
-            items = out.get(name)
-            if not isinstance(items, list):
-                continue
-            cleaned_items = []
-            for item in items:
-                if isinstance(item, dict) and not _storable(item):
-                    notes: list[str] = []
-                    item = _clean_raw(item, notes)
-                    prior = item.get("cleaned")
-                    item["cleaned"] = [*(prior if isinstance(prior, list) else []), *notes]
-                cleaned_items.append(item)
-            out[name] = cleaned_items
-        return handler(out)  # a surrogate outside the items is refused as before
 
     batch_id: uuid.UUID
     agent_clock: AwareDatetime = Field(description="the agent's clock when it sealed the batch")

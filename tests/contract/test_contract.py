@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 
 import pytest
 from pydantic import ValidationError
@@ -122,3 +123,19 @@ def test_report_text_is_cleaned_with_notes_never_refusing_the_batch() -> None:
     # Clean input is returned as it came, with no notes.
     clean = ReportBatch.model_validate(batch())
     assert clean.observations[0].cleaned == []
+
+
+def test_an_item_built_from_a_miners_string_with_a_lone_surrogate_is_cleaned_not_refused() -> None:
+    """On the agent, a report item is built from what a miner said (Python strings)."""
+    obs = Observation(
+        ip=IPv4Address("127.10.0.1"),
+        observed_at=NOW,
+        reachable=True,
+        serial="SN\ud800",
+        pools=[{"url": "stratum+tcp://p:1", "user": "w\ud800"}],  # type: ignore[list-item]
+    )
+    assert obs.serial == "SN\ufffd" and obs.pools[0].user == "w\ufffd"
+    assert obs.cleaned == [
+        "serial: invalid code point replaced",
+        "pools[0].user: invalid code point replaced",
+    ]
