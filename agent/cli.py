@@ -387,6 +387,9 @@ def _print_miner(data: dict[str, Any]) -> None:
 
 # --- status -------------------------------------------------------------------------------------
 
+PARKED_SHOWN = 5
+SKEW_WARN_S = 60.0  # half the controller's default allowance (report_max_skew_s)
+
 
 @app.command()
 def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
@@ -402,11 +405,30 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         fail(str(exc))
     depth: int | None = None
     dead: int | None = None
+    outbox_facts: dict[str, Any] = {}
     if loaded.outbox_path.exists():
         try:
             with Outbox(loaded.outbox_path) as outbox:
                 stats = outbox.stats()
+                parked = outbox.dead_letters(limit=PARKED_SHOWN)
             depth, dead = stats.depth, stats.dead_letters
+            outbox_facts = {
+                "head_attempts": stats.head_attempts,
+                "head_last_error": stats.head_last_error,
+                "clock_skew_s": stats.clock_skew_s,
+                "clock_checked_at": stats.clock_checked_at,
+                "parked": [
+                    {
+                        "sequence": d.sequence,
+                        "batch_id": str(d.batch_id),
+                        "queued_at": d.queued_at.isoformat(),
+                        "parked_at": d.parked_at.isoformat(),
+                        "status_code": d.status_code,
+                        "reason": d.reason,
+                    }
+                    for d in parked
+                ],
+            }
         except AgentError as exc:
             fail(str(exc))
     running = last is not None and last.get("state") != "stopped" and pid_alive(last.get("pid"))
@@ -414,6 +436,7 @@ def status(config: ConfigOpt, as_json: JsonOpt = False) -> None:
         "running": running,
         "outbox_depth": depth if depth is not None else 0,
         "dead_letters": dead if dead is not None else 0,
+        **outbox_facts,
         "status": last,
     }
     if as_json:
@@ -459,6 +482,29 @@ def _print_status(config: AgentConfig, summary: dict[str, Any]) -> None:
                 f"{enforced['exempt']} exempt, {enforced['unknown']} unknown"
             )
     echo(f"outbox:   {summary['outbox_depth']} batch(es) waiting, {summary['dead_letters']} parked")
+    if summary.get("head_attempts"):
+        echo(
+            f"          oldest batch failed {summary['head_attempts']} time(s): "
+            f"{summary.get('head_last_error')}"
+        )
+    for parked in summary.get("parked", []):
+        code = parked["status_code"] if parked["status_code"] is not None else "-"
+        echo(
+            f"  parked: #{parked['sequence']} {parked['batch_id']} at {parked['parked_at']} "
+            f"({code}): {parked['reason']}"
+        )
+    if summary["dead_letters"] > len(summary.get("parked", [])):
+        echo(f"  (first {PARKED_SHOWN} shown; all kept in {config.outbox_path})")
+    skew = summary.get("clock_skew_s")
+    if skew is not None:
+        side = "ahead of" if skew >= 0 else "behind"
+        warn = "  CHECK NTP: reports dated ahead are refused" if abs(skew) >= SKEW_WARN_S else ""
+        echo(
+            f"clock:    {abs(skew):.1f} s {side} the controller "
+            f"(measured {summary.get('clock_checked_at')}){warn}"
+        )
+    else:
+        echo("clock:    not measured yet (no delivery acknowledged)")
     if last is not None:
         uplink = last.get("uplink", {})
         if uplink.get("healthy", True):

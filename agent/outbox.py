@@ -10,14 +10,21 @@ the controller de-duplicates by ``batch_id``. Each batch gets a ``sequence`` her
 increasing and persisted (a counter in the database, so acknowledging the newest batch never
 lets a number be reused). Only deleting the outbox file restarts the count.
 
-A batch the controller refuses for good is moved to the ``dead_letter`` table with the reason;
-nothing is ever deleted without an acknowledgement. A full disk raises :class:`OutboxFull`:
-the batch was not stored and the caller must keep it and retry.
+A batch the controller refuses for good is *parked*: moved to the ``dead_letter`` table with
+the reason, in the same transaction as a new pending batch carrying a ``batch_parked`` event,
+so the controller hears of it and the queue moves on; nothing is ever deleted without an
+acknowledgement. Each pending batch counts its failed attempts and *strikes* (answers proving
+the batch itself is the problem, see ``agent.uplink``). A full disk raises
+:class:`OutboxFull`: the batch was not stored and the caller must keep it and retry.
+
+The last measured clock skew against the controller is kept here too (``outbox_meta``), so
+``asicfleet agent status`` can show it whether the daemon runs or not.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import sqlite3
 import threading
@@ -27,16 +34,18 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from agent.config import AgentConfig
 from agent.errors import OutboxError, OutboxFull
-from contract import ReportBatch
+from contract import Event, EventSeverity, ReportBatch
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+PARKED_EVENT = "batch_parked"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox_meta (
@@ -47,7 +56,10 @@ CREATE TABLE IF NOT EXISTS pending (
     sequence INTEGER PRIMARY KEY,
     batch_id TEXT NOT NULL UNIQUE,
     queued_at TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    strikes INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
 );
 CREATE TABLE IF NOT EXISTS dead_letter (
     sequence INTEGER PRIMARY KEY,
@@ -79,6 +91,18 @@ class OutboxStats:
     depth: int
     dead_letters: int
     oldest_queued_at: datetime | None
+    head_attempts: int = 0  # failed deliveries of the oldest pending batch
+    head_last_error: str | None = None
+    clock_skew_s: float | None = None  # this host's clock minus the controller's
+    clock_checked_at: str | None = None  # ISO time of that measurement
+
+
+# Columns added by schema 2 to a schema-1 file.
+_V2_COLUMNS = (
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("strikes", "INTEGER NOT NULL DEFAULT 0"),
+    ("last_error", "TEXT"),
+)
 
 
 class Outbox:
@@ -128,6 +152,10 @@ class Outbox:
             with self._transaction():
                 for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                     conn.execute(statement)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(pending)")}
+                for name, decl in _V2_COLUMNS:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE pending ADD COLUMN {name} {decl}")
                 conn.execute(
                     "INSERT OR IGNORE INTO outbox_meta (key, value) VALUES ('next_sequence', ?)",
                     (1,),
@@ -157,18 +185,22 @@ class Outbox:
             ).fetchone()
             if row is not None:
                 return _parse(row[0], row[1])
-            (sequence,) = conn.execute(
-                "SELECT value FROM outbox_meta WHERE key = 'next_sequence'"
-            ).fetchone()
-            conn.execute(
-                "UPDATE outbox_meta SET value = ? WHERE key = 'next_sequence'", (sequence + 1,)
-            )
-            sealed = batch.model_copy(update={"sequence": sequence})
-            conn.execute(
-                "INSERT INTO pending (sequence, batch_id, queued_at, body) VALUES (?, ?, ?, ?)",
-                (sequence, key, _now(), sealed.model_dump_json()),
-            )
-            return sealed
+            return self._insert(conn, batch)
+
+    def _insert(self, conn: sqlite3.Connection, batch: ReportBatch) -> ReportBatch:
+        """Seal ``batch`` with the next sequence and store it (inside a transaction)."""
+        (sequence,) = conn.execute(
+            "SELECT value FROM outbox_meta WHERE key = 'next_sequence'"
+        ).fetchone()
+        conn.execute(
+            "UPDATE outbox_meta SET value = ? WHERE key = 'next_sequence'", (sequence + 1,)
+        )
+        sealed = batch.model_copy(update={"sequence": sequence})
+        conn.execute(
+            "INSERT INTO pending (sequence, batch_id, queued_at, body) VALUES (?, ?, ?, ?)",
+            (sequence, str(batch.batch_id), _now(), sealed.model_dump_json()),
+        )
+        return sealed
 
     def peek(self, n: int) -> list[ReportBatch]:
         """Up to ``n`` pending batches, oldest first. A row this agent cannot read any more (a
@@ -199,21 +231,79 @@ class Outbox:
             return cursor.rowcount == 1
 
     def park(self, batch_id: uuid.UUID | str, reason: str, status_code: int | None = None) -> bool:
-        """Move a pending batch to the dead-letter table with why; False if it was not pending."""
+        """Move a pending batch to the dead-letter table with why, and queue a ``batch_parked``
+        event for the controller (same transaction); False if it was not pending."""
         with self._lock, self._guard("park", str(batch_id)):
             return self._park(str(batch_id), reason, status_code)
 
     def _park(self, batch_id: str, reason: str, status_code: int | None) -> bool:
         with self._transaction() as conn:
-            cursor = conn.execute(
+            row = conn.execute(
+                "SELECT sequence, queued_at, body, attempts FROM pending WHERE batch_id = ?",
+                (batch_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            sequence, queued_at, body, attempts = row
+            conn.execute(
                 "INSERT INTO dead_letter "
                 "(sequence, batch_id, queued_at, parked_at, status_code, reason, body) "
-                "SELECT sequence, batch_id, queued_at, ?, ?, ?, body FROM pending "
-                "WHERE batch_id = ?",
-                (_now(), status_code, reason[:4096], batch_id),
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sequence, batch_id, queued_at, _now(), status_code, reason[:4096], body),
             )
             conn.execute("DELETE FROM pending WHERE batch_id = ?", (batch_id,))
-            return cursor.rowcount == 1
+            facts = _parked_facts(body)
+            if facts.get("only_parked_events"):
+                return True  # a report about parking that was itself parked: no chain
+            event = Event(
+                kind=PARKED_EVENT,
+                at=datetime.now(UTC),
+                severity=EventSeverity.CRITICAL,
+                detail=(
+                    f"batch {batch_id} (sequence {sequence}, queued {queued_at}) parked on the "
+                    f"agent after {attempts} delivery attempt(s): {reason}"
+                ),
+                data={
+                    "batch_id": batch_id,
+                    "sequence": sequence,
+                    "queued_at": queued_at,
+                    "status_code": status_code,
+                    "reason": reason[:1024],
+                    "attempts": attempts,
+                    **{k: v for k, v in facts.items() if k != "only_parked_events"},
+                },
+            )
+            report = ReportBatch(
+                batch_id=uuid.uuid4(), agent_clock=datetime.now(UTC), sequence=0, events=[event]
+            )
+            self._insert(conn, report)
+            return True
+
+    def failed(self, batch_id: uuid.UUID | str, error: str, *, strike: bool = False) -> int:
+        """Count a failed delivery of a pending batch (a strike too if ``strike``); returns
+        its strikes so far (0 if it is not pending)."""
+        with self._lock, self._guard("failed", str(batch_id)), self._transaction() as conn:
+            conn.execute(
+                "UPDATE pending SET attempts = attempts + 1, strikes = strikes + ?, "
+                "last_error = ? WHERE batch_id = ?",
+                (int(strike), error[:1024], str(batch_id)),
+            )
+            row = conn.execute(
+                "SELECT strikes FROM pending WHERE batch_id = ?", (str(batch_id),)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    def record_clock(self, skew_s: float, at: datetime) -> None:
+        """Keep the latest measured skew (this host's clock minus the controller's)."""
+        with self._lock, self._guard("record_clock"), self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO outbox_meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [
+                    ("clock_skew_ms", round(skew_s * 1000)),
+                    ("clock_checked_at", int(at.timestamp())),
+                ],
+            )
 
     def depth(self) -> int:
         """How many batches wait for delivery."""
@@ -243,14 +333,29 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         with self._lock, self._guard("stats"):
-            depth, oldest = self._conn.execute(
-                "SELECT count(*), min(queued_at) FROM pending"
+            conn = self._conn
+            depth, oldest = conn.execute("SELECT count(*), min(queued_at) FROM pending").fetchone()
+            dead = conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
+            head = conn.execute(
+                "SELECT attempts, last_error FROM pending ORDER BY sequence LIMIT 1"
             ).fetchone()
-            dead = self._conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
+            meta = dict(
+                conn.execute(
+                    "SELECT key, value FROM outbox_meta "
+                    "WHERE key IN ('clock_skew_ms', 'clock_checked_at')"
+                ).fetchall()
+            )
+        checked = meta.get("clock_checked_at")
         return OutboxStats(
             depth=int(depth),
             dead_letters=int(dead),
             oldest_queued_at=datetime.fromisoformat(oldest) if oldest else None,
+            head_attempts=int(head[0]) if head else 0,
+            head_last_error=head[1] if head else None,
+            clock_skew_s=meta["clock_skew_ms"] / 1000 if "clock_skew_ms" in meta else None,
+            clock_checked_at=(
+                datetime.fromtimestamp(checked, UTC).isoformat() if checked is not None else None
+            ),
         )
 
     def integrity_check(self) -> str:
@@ -316,6 +421,29 @@ class Outbox:
 def _is_full(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
+
+
+def _parked_facts(body: str) -> dict[str, Any]:
+    """What a parked batch held (item counts), read leniently: the body may be unreadable."""
+    try:
+        raw = json.loads(body)
+    except ValueError:
+        return {"body_bytes": len(body)}
+    if not isinstance(raw, dict):
+        return {"body_bytes": len(body)}
+    counts = {
+        name: len(raw[name])
+        for name in ("observations", "identities", "events")
+        if isinstance(raw.get(name), list)
+    }
+    events = raw.get("events") or []
+    only_parked = (
+        bool(events)
+        and not counts.get("observations")
+        and not counts.get("identities")
+        and all(isinstance(e, dict) and e.get("kind") == PARKED_EVENT for e in events)
+    )
+    return {"items": counts, "body_bytes": len(body), "only_parked_events": only_parked}
 
 
 def _parse(sequence: int, body: str) -> ReportBatch:

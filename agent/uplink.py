@@ -19,11 +19,24 @@ never delivered out of order. Failures are classified once, in :func:`classify`:
 - 401/403: our credential is refused; retry at the slowest pace only;
 - 404/405: the URL is not a (compatible) controller; retry, since parking would empty the queue;
 - any other 4xx for a batch: that batch is refused for good and parked in the dead-letter table.
+
+A 500 (an internal error, not 502/503/504, which are a proxy or a controller saying it is
+unavailable) may be the controller's fault or the batch's. The drain tells them apart by
+trying the batch behind it once: if the controller accepts that one, the failing batch earned
+a *strike* (it failed alone); after :data:`PARK_AFTER_STRIKES` strikes it is parked and the
+queue moves on. If the batch behind fails too, or there is none yet, the controller itself is
+unwell: plain backoff, no strike, nothing parked. Parking queues a ``batch_parked`` event for
+the controller (see :mod:`agent.outbox`); nothing is deleted.
+
+Each delivery carries ``sent_at``; the acknowledgement carries the controller's
+``received_at``, from which the agent's clock skew is measured and kept in the outbox (shown
+by ``asicfleet agent status``; the controller keeps its own measurement per agent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -59,6 +72,8 @@ ENROLL_PATH = "/api/v1/agents/enroll"
 REPORTS_PATH = "/api/v1/agent/reports"
 POLICY_PATH = "/api/v1/agent/policy"
 PEEK_WINDOW = 16
+PARK_AFTER_STRIKES = 3
+SERVER_ERROR = 500
 
 PolicyVerifier = Callable[[PolicyBundle], PolicyBundle]
 """Checks a bundle (signature, expiry, version) and returns it, or raises."""
@@ -173,6 +188,15 @@ class DrainReport:
 
 
 @dataclass
+class _Tally:
+    handled: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    refused_items: int = 0
+
+
+@dataclass
 class UplinkState:
     """For ``asicfleet agent status``: is the controller reachable, and since when not."""
 
@@ -181,6 +205,8 @@ class UplinkState:
     last_error: str | None = None
     consecutive_failures: int = 0
     next_attempt_at: datetime | None = None
+    clock_skew_s: float | None = None  # this host's clock minus the controller's
+    clock_checked_at: datetime | None = None
 
     @property
     def healthy(self) -> bool:
@@ -360,6 +386,7 @@ class Uplink:
         self.backoff = backoff or Backoff()
         self.verify_policy = verify_policy
         self.state = UplinkState()
+        self.park_after_strikes = PARK_AFTER_STRIKES
         self._drain_lock = asyncio.Lock()
         self._policy: tuple[str, PolicyBundle] | None = None  # (ETag, the bundle accepted)
 
@@ -424,7 +451,10 @@ class Uplink:
         """Deliver one batch; the controller's acknowledgement, or a typed :class:`UplinkError`."""
         key = str(batch.batch_id)
         what = f"batch {key} (sequence {batch.sequence})"
-        response = await self._call("POST", REPORTS_PATH, what, batch.model_dump_json().encode())
+        sent = datetime.now(UTC)
+        body = batch.model_copy(update={"sent_at": sent}).model_dump_json().encode()
+        response = await self._call("POST", REPORTS_PATH, what, body)
+        back = datetime.now(UTC)
         if not response.is_success:
             raise _error(response, what, batch_id=key)
         ack = _parse(BatchAck, response, what)
@@ -434,6 +464,11 @@ class Uplink:
                 status_code=response.status_code,
                 retryable=True,
             )
+        if ack.received_at is not None and not ack.duplicate:
+            # The controller read its clock between our send and its answer: the midpoint.
+            midpoint = sent + (back - sent) / 2
+            self.state.clock_skew_s = round((midpoint - ack.received_at).total_seconds(), 3)
+            self.state.clock_checked_at = back
         return ack
 
     async def pull_policy(self) -> PolicyBundle:
@@ -465,54 +500,111 @@ class Uplink:
         returned as ``retry_in_s`` (:meth:`run` waits it out).
         """
         async with self._drain_lock:
-            delivered = duplicates = parked = refused_items = handled = 0
+            tally = _Tally()
             error: AgentError | None = None
             retry_in: float | None = None
+            measured = self.state.clock_checked_at
             try:
-                while max_batches is None or handled < max_batches:
-                    window = PEEK_WINDOW if max_batches is None else max_batches - handled
+                while max_batches is None or tally.handled < max_batches:
+                    window = PEEK_WINDOW if max_batches is None else max_batches - tally.handled
                     batches = await asyncio.to_thread(outbox.peek, min(window, PEEK_WINDOW))
                     if not batches:
                         break
                     for batch in batches:
-                        handled += 1
+                        tally.handled += 1
                         try:
-                            ack = await self.push(batch)
-                        except RejectedBatch as exc:
-                            log.error("uplink: parking %s", exc)
-                            await asyncio.to_thread(
-                                outbox.park, batch.batch_id, str(exc), exc.status_code
-                            )
-                            parked += 1
-                            continue
-                        await asyncio.to_thread(outbox.ack, batch.batch_id)
-                        self._succeeded()
-                        delivered += 1
-                        duplicates += ack.duplicate
-                        if ack.refused:
-                            refused_items += len(ack.refused)
-                            log.warning(
-                                "uplink: controller refused %d item(s) of batch %s, e.g. %s",
-                                len(ack.refused),
-                                batch.batch_id,
-                                ack.refused[0],
-                            )
+                            await self._deliver(outbox, batch, tally)
+                        except ControllerUnreachable as exc:
+                            if exc.status_code != SERVER_ERROR:
+                                await self._note_failure(outbox, batch, exc)
+                                raise
+                            if not await self._strike_out(outbox, batch, exc, tally):
+                                raise
+                            break  # parked: the queue changed, look again
             except (UplinkError, OutboxError) as exc:
                 error = exc
                 retry_in = self._failed(exc)
+            checked = self.state.clock_checked_at
+            if checked is not None and checked != measured and self.state.clock_skew_s is not None:
+                with contextlib.suppress(OutboxError):
+                    await asyncio.to_thread(outbox.record_clock, self.state.clock_skew_s, checked)
             try:
                 remaining: int | None = await asyncio.to_thread(outbox.depth)
             except OutboxError:
                 remaining = None
             return DrainReport(
-                delivered=delivered,
-                duplicates=duplicates,
-                parked=parked,
-                refused_items=refused_items,
+                delivered=tally.delivered,
+                duplicates=tally.duplicates,
+                parked=tally.parked,
+                refused_items=tally.refused_items,
                 remaining=remaining,
                 error=error,
                 retry_in_s=retry_in,
             )
+
+    async def _deliver(self, outbox: Outbox, batch: ReportBatch, tally: _Tally) -> None:
+        """Push one batch: acknowledged, or parked when refused for good; else raise."""
+        try:
+            ack = await self.push(batch)
+        except RejectedBatch as exc:
+            log.error("uplink: parking %s", exc)
+            await self._note_failure(outbox, batch, exc)
+            await asyncio.to_thread(outbox.park, batch.batch_id, str(exc), exc.status_code)
+            tally.parked += 1
+            return
+        await asyncio.to_thread(outbox.ack, batch.batch_id)
+        self._succeeded()
+        tally.delivered += 1
+        tally.duplicates += ack.duplicate
+        if ack.refused:
+            tally.refused_items += len(ack.refused)
+            log.warning(
+                "uplink: controller refused %d item(s) of batch %s, e.g. %s",
+                len(ack.refused),
+                batch.batch_id,
+                ack.refused[0],
+            )
+
+    async def _note_failure(self, outbox: Outbox, batch: ReportBatch, exc: UplinkError) -> None:
+        """Count a failed attempt on the batch (for ``agent status``); never a strike."""
+        with contextlib.suppress(OutboxError):
+            await asyncio.to_thread(outbox.failed, batch.batch_id, str(exc))
+
+    async def _strike_out(
+        self, outbox: Outbox, batch: ReportBatch, exc: ControllerUnreachable, tally: _Tally
+    ) -> bool:
+        """After a 500 on ``batch``: try the batch behind it. True if ``batch`` was parked
+        (the caller goes on draining); False if the controller looks unwell (back off)."""
+        pending = await asyncio.to_thread(outbox.peek, 2)
+        behind = [b for b in pending if b.batch_id != batch.batch_id][:1]
+        if not behind:
+            await self._note_failure(outbox, batch, exc)
+            return False
+        probe = behind[0]
+        try:
+            await self._deliver(outbox, probe, tally)
+        except UplinkError:
+            await self._note_failure(outbox, batch, exc)
+            return False
+        # The controller works, and refused this batch alone.
+        strikes = await asyncio.to_thread(outbox.failed, batch.batch_id, str(exc), strike=True)
+        log.warning(
+            "uplink: %s while batch %s behind it was accepted (strike %d of %d)",
+            exc,
+            probe.batch_id,
+            strikes,
+            self.park_after_strikes,
+        )
+        if strikes < self.park_after_strikes:
+            return False
+        reason = (
+            f"{exc} ({strikes} times while later batches were accepted: the batch itself "
+            "fails on the controller)"
+        )
+        log.error("uplink: parking batch %s: %s", batch.batch_id, reason)
+        await asyncio.to_thread(outbox.park, batch.batch_id, reason, exc.status_code)
+        tally.parked += 1
+        return True
 
     async def run(
         self,

@@ -70,13 +70,26 @@ from controller.reconcile import (
     observation_may_matter,
     reconcile,
 )
+from controller.report_bounds import TimeWindow, clock_skew_s, damaged_key
 from controller.settings import Settings
-from controller.tables import AGENT, BATCH, EVENT, HISTORY, LATEST, MACHINE, SEGMENT, STATE_CHANGE
+from controller.tables import (
+    AGENT,
+    BATCH,
+    EVENT,
+    HISTORY,
+    LATEST,
+    MACHINE,
+    SEGMENT,
+    SITE,
+    STATE_CHANGE,
+)
 
 log = logging.getLogger(__name__)
 
 
 REFUSED_EVENT = "report_refused"
+CROSS_SITE_EVENT = "cross_site_report"  # an alert (critical): another site's machine named
+OUTSIDE, OUT_OF_TIME, DAMAGED, OTHER_SITE = "outside_segments", "time", "damaged_key", "other_site"
 MAX_LOGGED_ITEMS = 200  # refused items kept in one event/audit entry
 
 
@@ -192,20 +205,60 @@ def _ingest(
     segments = _Segments(
         conn.execute(select(SEGMENT.c.cidr).where(SEGMENT.c.agent_id == agent_id)).scalars()
     )
+    window = TimeWindow.around(now, settings)
     refused: list[str] = []
-    outside: list[dict[str, Any]] = []
+    cleaned: list[str] = []
+    logged: list[dict[str, Any]] = []
 
-    def allowed(kind: str, index: int, ip: ipaddress.IPv4Address | None) -> bool:
-        if ip is None or ip in segments:
-            return True
-        refused.append(f"{kind} {index} ({ip}): outside this agent's segments")
-        outside.append({"item": kind, "index": index, "ip": str(ip)})
-        return False
+    def refuse(kind: str, index: int, ip: object, why: str, reason: str, **extra: Any) -> None:
+        refused.append(f"{kind} {index} ({ip}): {reason}")
+        logged.append({"item": kind, "index": index, "ip": str(ip), "why": why, **extra})
 
+    def admit(kind: str, index: int, item: IdentityRecord | Observation | Event) -> bool:
+        ip = item.ip
+        if ip is None:
+            ip_text = "-"
+        elif ip not in segments:
+            refuse(kind, index, ip, OUTSIDE, "outside this agent's segments")
+            return False
+        else:
+            ip_text = str(ip)
+        at = item.at if isinstance(item, Event) else item.observed_at
+        late = window.refuse(at, "at" if isinstance(item, Event) else "observed_at")
+        if late is not None:
+            refuse(kind, index, ip_text, OUT_OF_TIME, late, at=at.isoformat())
+            return False
+        damaged = None if isinstance(item, Event) else damaged_key(item.cleaned)
+        if damaged is not None:
+            reason = f"{damaged}: a damaged identity key cannot name a machine"
+            refuse(kind, index, ip_text, DAMAGED, reason)
+            return False
+        if item.cleaned:  # listed in the ack unless the item is refused later
+            cleaned.append(
+                f"{kind} {index} ({ip_text}): stored cleaned: " + "; ".join(item.cleaned)
+            )
+        return True
+
+    site_id = agent.site_id
+    candidates = [(i, r) for i, r in enumerate(batch.identities) if admit("identity", i, r)]
+    foreign = _foreign_holders(conn, [r for _, r in candidates], site_id)
+    conflicts: list[_Conflict] = []
     identities: list[IdentityRecord] = []
     placeable = 0
-    for i, record in enumerate(batch.identities):
-        if not allowed("identity", i, record.ip):
+    for i, record in candidates:
+        holder = _holder_of(foreign, record.serial, record.mac)
+        if holder is not None:
+            conflicts.append(
+                _Conflict("identity", i, str(record.ip), record.mac, record.serial, holder)
+            )
+            refuse(
+                "identity",
+                i,
+                record.ip,
+                OTHER_SITE,
+                _conflict_reason(holder),
+                machine=holder.machine_id,
+            )
             continue
         identities.append(record)  # unplaceable ones too: reconcile raises the alert
         if normalize_serial(record.serial) or normalize_mac(record.mac):
@@ -213,25 +266,28 @@ def _ingest(
         else:
             refused.append(f"identity {i} ({record.ip}): neither a readable serial nor a MAC")
     observations = [
-        (i, obs) for i, obs in enumerate(batch.observations) if allowed("observation", i, obs.ip)
+        (i, obs) for i, obs in enumerate(batch.observations) if admit("observation", i, obs)
     ]
-    events = [event for i, event in enumerate(batch.events) if allowed("event", i, event.ip)]
+    admitted = [(i, event) for i, event in enumerate(batch.events) if admit("event", i, event)]
+    events = _confine_events(conn, admitted, site_id, refuse, conflicts)
 
-    if outside:
-        _log_refused(session, conn, agent, batch_id, outside, now)
     if identities:
         _apply_identities(session, conn, agent, identities, settings, now)
     resolved: list[tuple[int, Observation]] = []
     applied_observations = _apply_observations(
-        session, conn, agent, observations, settings, now, refused, resolved
+        session, conn, agent, observations, settings, now, refused, resolved, refuse, conflicts
     )
     _apply_agent_events(conn, agent, events, now)
     track_compliance(conn, agent, resolved, events, settings, now)
-    conn.execute(
-        update(AGENT)
-        .where(AGENT.c.id == agent_id)
-        .values(last_seen_at=now, last_address=agent.source or None)
-    )
+    if logged:
+        _log_refused(session, conn, agent, batch_id, logged, now)
+    if conflicts:
+        _raise_conflicts(conn, agent, batch_id, conflicts, now)
+    skew = clock_skew_s(batch.sent_at, now)
+    seen: dict[str, Any] = {"last_seen_at": now, "last_address": agent.source or None}
+    if skew is not None:
+        seen.update(clock_skew_s=skew, clock_checked_at=now)
+    conn.execute(update(AGENT).where(AGENT.c.id == agent_id).values(**seen))
     ack = BatchAck(
         batch_id=batch.batch_id,
         duplicate=False,
@@ -239,6 +295,9 @@ def _ingest(
         identities=placeable,
         events=len(events),
         refused=refused,
+        cleaned=[c for c in cleaned if not any(r.startswith(c.split(")", 1)[0]) for r in refused)],
+        received_at=now,
+        clock_skew_s=skew,
     )
     conn.execute(
         update(BATCH).where(BATCH.c.batch_id == batch_id).values(ack=ack.model_dump(mode="json"))
@@ -259,17 +318,31 @@ def _stored_ack(conn: Connection, batch_id: str, agent_id: str) -> BatchAck | No
     return ack.model_copy(update={"duplicate": True})
 
 
+_WHY = {
+    OUTSIDE: "outside the agent's segments",
+    OUT_OF_TIME: "dated outside the accepted window",
+    DAMAGED: "identity key damaged",
+    OTHER_SITE: "naming a machine of another site",
+}
+
+
 def _log_refused(
     session: Session,
     conn: Connection,
     agent: ReportingAgent,
     batch_id: str,
-    outside: list[dict[str, Any]],
+    items: list[dict[str, Any]],
     now: datetime,
 ) -> None:
-    """One event and one audit entry per batch that reached outside the agent's segments."""
-    logged = outside[:MAX_LOGGED_ITEMS]
-    detail = f"{len(outside)} item(s) outside the agent's segments refused"
+    """One event and one audit entry per batch with items refused for what they claimed."""
+    kept = items[:MAX_LOGGED_ITEMS]
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item["why"]] = counts.get(item["why"], 0) + 1
+    reasons = ", ".join(_WHY[why] for why in counts)
+    detail = f"{len(items)} item(s) refused: " + ", ".join(
+        f"{n} {_WHY[why]}" for why, n in counts.items()
+    )
     conn.execute(
         insert(EVENT).values(
             at=now,
@@ -277,9 +350,9 @@ def _log_refused(
             severity="warning",
             machine_pk=None,
             agent_id=agent.agent_id,
-            ip=outside[0]["ip"],
+            ip=items[0]["ip"],
             detail=detail,
-            data={"batch_id": batch_id, "count": len(outside), "items": logged},
+            data={"batch_id": batch_id, "count": len(items), "by_reason": counts, "items": kept},
         )
     )
     audit.record(
@@ -289,11 +362,203 @@ def _log_refused(
         action="ingest.refuse",
         entity="agent",
         entity_id=agent.agent_id or "",
-        after={"batch_id": batch_id, "count": len(outside), "items": logged},
+        after={"batch_id": batch_id, "count": len(items), "by_reason": counts, "items": kept},
         source=agent.source,
-        reason="outside the agent's segments",
+        reason=reasons,
     )
     log.warning("agent %s: %s (batch %s)", agent.agent_id, detail, batch_id)
+
+
+# --- site confinement --------------------------------------------------------------------------
+
+
+class _Holder(NamedTuple):
+    """A machine of another site that an item's serial or MAC names."""
+
+    pk: int
+    machine_id: str
+    site_id: int
+    serials: frozenset[str]
+    mac: str | None
+
+
+class _Conflict(NamedTuple):
+    item: str
+    position: int
+    ip: str
+    mac: str | None
+    serial: str | None
+    holder: _Holder
+
+
+def _conflict_reason(holder: _Holder) -> str:
+    return (
+        f"names machine {holder.machine_id} of another site (site {holder.site_id}); "
+        "not applied (to move a machine between sites, decommission it at the old one)"
+    )
+
+
+def _own_site(site_id: int | None) -> ColumnElement[bool]:
+    """Machines an agent of ``site_id`` may touch: its site's, and those with no site yet."""
+    if site_id is None:
+        return MACHINE.c.site_id.is_(None)
+    return or_(MACHINE.c.site_id.is_(None), MACHINE.c.site_id == site_id)
+
+
+def _foreign_holders(
+    conn: Connection, records: Sequence[IdentityRecord | Observation], site_id: int | None
+) -> list[_Holder]:
+    """Machines in service at *other* sites sharing a serial or MAC with ``records``."""
+    macs = {normalize_mac(r.mac) for r in records}
+    serials = {normalize_serial(r.serial) for r in records}
+    if not any(macs) and not any(serials):
+        return []
+    rows = conn.execute(
+        select(
+            MACHINE.c.id,
+            MACHINE.c.machine_id,
+            MACHINE.c.site_id,
+            MACHINE.c.reported_serial,
+            MACHINE.c.label_serial,
+            MACHINE.c.mac,
+            type_coerce(MACHINE.c.lifecycle_state, String),
+        ).where(
+            or_(
+                _any_of(MACHINE.c.mac, macs),
+                _any_of(MACHINE.c.reported_serial, serials),
+                _any_of(MACHINE.c.label_serial, serials),
+            ),
+            ~_own_site(site_id),
+        )
+    ).all()
+    return [
+        _Holder(pk, mid, site, frozenset(s for s in (reported, label) if s), mac)
+        for pk, mid, site, reported, label, mac, state in rows
+        if _raw_state(state) != LifecycleState.DECOMMISSIONED
+    ]
+
+
+def _holder_of(holders: Sequence[_Holder], serial: str | None, mac: str | None) -> _Holder | None:
+    serial, mac = normalize_serial(serial), normalize_mac(mac)
+    for holder in holders:
+        if (serial and serial in holder.serials) or (mac and mac == holder.mac):
+            return holder
+    return None
+
+
+def _confine_events(
+    conn: Connection,
+    events: list[tuple[int, Event]],
+    site_id: int | None,
+    refuse: Callable[..., None],
+    conflicts: list[_Conflict],
+) -> list[Event]:
+    """Events may only name (by ``data.machine_id``) machines the agent may touch."""
+    named = {e.data.get("machine_id") for _, e in events}
+    ids = sorted(v for v in named if isinstance(v, str) and v)
+    foreign: dict[str, _Holder] = {}
+    if ids:
+        for pk, mid, site in conn.execute(
+            select(MACHINE.c.id, MACHINE.c.machine_id, MACHINE.c.site_id).where(
+                MACHINE.c.machine_id.in_(ids), ~_own_site(site_id)
+            )
+        ):
+            foreign[mid] = _Holder(pk, mid, site, frozenset(), None)
+    kept: list[Event] = []
+    for index, event in events:
+        holder = foreign.get(str(event.data.get("machine_id")))
+        if holder is not None:
+            ip = str(event.ip) if event.ip else None
+            conflicts.append(_Conflict("event", index, ip or "-", None, None, holder))
+            refuse(
+                "event",
+                index,
+                ip or "-",
+                OTHER_SITE,
+                _conflict_reason(holder),
+                machine=holder.machine_id,
+            )
+            continue
+        kept.append(event)
+    return kept
+
+
+def _raise_conflicts(
+    conn: Connection,
+    agent: ReportingAgent,
+    batch_id: str,
+    conflicts: list[_Conflict],
+    now: datetime,
+) -> None:
+    """One alert per machine of another site named by this agent, until someone resolves it."""
+    by_machine: dict[int, list[_Conflict]] = {}
+    for conflict in conflicts:
+        by_machine.setdefault(conflict.holder.pk, []).append(conflict)
+    open_ = set(
+        conn.execute(
+            select(EVENT.c.machine_pk).where(
+                EVENT.c.kind == CROSS_SITE_EVENT,
+                EVENT.c.agent_id == agent.agent_id,
+                EVENT.c.resolved_at.is_(None),
+                EVENT.c.machine_pk.in_(sorted(by_machine)),
+            )
+        ).scalars()
+    )
+    wanted = sorted({c.holder.site_id for c in conflicts} | {agent.site_id or 0})
+    sites = {
+        row.id: row.name
+        for row in conn.execute(select(SITE.c.id, SITE.c.name).where(SITE.c.id.in_(wanted)))
+    }
+    rows = []
+    for pk, found in by_machine.items():
+        if pk in open_:
+            continue
+        holder = found[0].holder
+        first = found[0]
+        if first.mac:
+            named = f"MAC {first.mac}"
+        elif first.serial:
+            named = f"serial {first.serial}"
+        else:
+            named = "an event"
+        detail = (
+            f"agent {agent.name} of site {sites.get(agent.site_id or 0, agent.site_id)} reported "
+            f"{named} of machine {holder.machine_id} of site "
+            f"{sites.get(holder.site_id, holder.site_id)}; refused (a MAC or serial seen at two "
+            "sites: a cloned identity, a moved machine, or an agent writing where it should not)"
+        )
+        rows.append(
+            {
+                "at": now,
+                "kind": CROSS_SITE_EVENT,
+                "severity": "critical",
+                "machine_pk": pk,
+                "agent_id": agent.agent_id,
+                "ip": first.ip if first.ip != "-" else None,
+                "detail": detail[:4096],
+                "data": {
+                    "origin": "controller",
+                    "batch_id": batch_id,
+                    "machine_id": holder.machine_id,
+                    "machine_site_id": holder.site_id,
+                    "agent_site_id": agent.site_id,
+                    "items": [
+                        {"item": c.item, "index": c.position, "ip": c.ip, "mac": c.mac}
+                        | ({"serial": c.serial} if c.serial else {})
+                        for c in found[:MAX_LOGGED_ITEMS]
+                    ],
+                },
+                "resolved_at": None,
+            }
+        )
+    if rows:
+        conn.execute(insert(EVENT), rows)
+    log.warning(
+        "agent %s: %d item(s) named machines of another site (batch %s)",
+        agent.agent_id,
+        len(conflicts),
+        batch_id,
+    )
 
 
 # --- register views ----------------------------------------------------------------------------
@@ -376,15 +641,16 @@ def _apply_identities(
         macs.update((normalize_mac(record.mac), record.mac))
         serials.update((normalize_serial(record.serial), record.serial))
     ips = {str(record.ip) for record in identities}
-    views = load_views(
-        conn,
-        or_(
-            _any_of(MACHINE.c.mac, macs),
-            _any_of(MACHINE.c.reported_serial, serials),
-            _any_of(MACHINE.c.label_serial, serials),
-            _any_of(MACHINE.c.current_ip, ips),
-        ),
+    # Only machines this agent may touch: another site's machine with one of these serials or
+    # MACs has refused the record already (``_foreign_holders``), and its addresses are
+    # another network's (sites reuse private ranges).
+    condition = or_(
+        _any_of(MACHINE.c.mac, macs),
+        _any_of(MACHINE.c.reported_serial, serials),
+        _any_of(MACHINE.c.label_serial, serials),
+        _any_of(MACHINE.c.current_ip, ips),
     )
+    views = load_views(conn, condition & _own_site(agent.site_id))
     decisions = reconcile(
         identities,
         views,
@@ -569,6 +835,7 @@ class _Known(NamedTuple):
     last_seen: datetime | None
     flags: frozenset[str]
     latest_at: datetime | None
+    site_id: int | None
 
     def view(self) -> RegisterView:
         return RegisterView(
@@ -592,6 +859,7 @@ _KNOWN_COLUMNS = (
     type_coerce(MACHINE.c.last_seen, String),
     type_coerce(MACHINE.c.flags, String),
     type_coerce(LATEST.c.observed_at, String),
+    MACHINE.c.site_id,
 )
 _NO_FLAGS: frozenset[str] = frozenset()
 
@@ -633,8 +901,9 @@ def _load_known(conn: Connection, condition: ColumnElement[bool]) -> list[_Known
             _raw_time(last_seen),
             _raw_flags(flags),
             _raw_time(latest_at),
+            site,
         )
-        for pk, machine_id, state, mac, ip, last_seen, flags, latest_at in cursor.tuples().all()
+        for pk, machine_id, state, mac, ip, last_seen, flags, latest_at, site in cursor.tuples()
     ]
 
 
@@ -657,11 +926,15 @@ def _apply_observations(
     now: datetime,
     refused: list[str],
     resolved: list[tuple[int, Observation]] | None = None,
+    refuse: Callable[..., None] | None = None,
+    conflicts: list[_Conflict] | None = None,
 ) -> int:
     """Latest (upsert), history (first per bucket), ``last_seen``; returns how many applied.
 
     Each applied observation is appended to ``resolved`` with its machine's pk (for the
-    compliance evidence).
+    compliance evidence). Machines are looked up among those the agent may touch (its
+    site's); a MAC that names a machine of another site is refused through ``refuse`` and
+    noted in ``conflicts``, never followed.
 
     Writes the database already has are skipped: the latest row when it is newer, the
     history row when the latest poll already falls in the same bucket (that poll's history
@@ -672,15 +945,28 @@ def _apply_observations(
         return 0
     prepared = [(index, obs, str(obs.ip), normalize_mac(obs.mac)) for index, obs in observations]
     ips = {ip for _, _, ip, _ in prepared}
-    by_ip = _index(_load_known(conn, _any_of(MACHINE.c.current_ip, ips)), lambda k: k.ip)
+    own = _own_site(agent.site_id)
+    by_ip = _index(_load_known(conn, _any_of(MACHINE.c.current_ip, ips) & own), lambda k: k.ip)
     stray: set[str | None] = set()
     for _, _, ip, mac in prepared:
         entry = by_ip.get(ip)
         if mac and (entry is None or (entry.mac is not None and entry.mac != mac)):
             stray.add(mac)
     by_mac: dict[str, _Known] = {}
+    foreign_mac: dict[str, _Known] = {}
     if stray:
-        by_mac = _index(_load_known(conn, _any_of(MACHINE.c.mac, stray)), lambda k: k.mac)
+        holders = _load_known(conn, _any_of(MACHINE.c.mac, stray))
+        mine = [k for k in holders if k.site_id is None or k.site_id == agent.site_id]
+        by_mac = _index(mine, lambda k: k.mac)
+        foreign_mac = _index(
+            (
+                k
+                for k in holders
+                if k.site_id not in (None, agent.site_id)
+                and k.state != LifecycleState.DECOMMISSIONED
+            ),
+            lambda k: k.mac,
+        )
 
     resolution = settings.history_resolution_s
     latest: dict[int, tuple[Observation, str, _Known]] = {}
@@ -691,6 +977,18 @@ def _apply_observations(
         found = by_ip.get(ip)
         if mac is not None and (found is None or (found.mac is not None and found.mac != mac)):
             found = by_mac.get(mac)  # the address changed hands: follow the MAC, not the IP
+            other = foreign_mac.get(mac) if found is None else None
+            if other is not None:
+                assert other.site_id is not None
+                holder = _Holder(other.pk, other.machine_id, other.site_id, frozenset(), other.mac)
+                if conflicts is not None:
+                    conflicts.append(_Conflict("observation", index, ip, mac, obs.serial, holder))
+                reason = _conflict_reason(holder)
+                if refuse is not None:
+                    refuse("observation", index, ip, OTHER_SITE, reason, machine=other.machine_id)
+                else:
+                    refused.append(f"observation {index} ({ip}): {reason}")
+                continue
         if found is None:
             refused.append(
                 f"observation {index} ({ip}): no machine known at this address "
@@ -985,7 +1283,7 @@ def _apply_agent_events(
     machines: dict[str, int] = {}
     if ips:
         for view in sorted(
-            load_views(conn, _any_of(MACHINE.c.current_ip, ips)),
+            load_views(conn, _any_of(MACHINE.c.current_ip, ips) & _own_site(agent.site_id)),
             key=lambda v: _rank(v.lifecycle_state, v.last_seen),
         ):
             if view.current_ip:
@@ -1001,7 +1299,8 @@ def _apply_agent_events(
                 "agent_id": agent.agent_id,
                 "ip": str(e.ip) if e.ip else None,
                 "detail": e.detail,
-                "data": {**e.data, "origin": "agent"},
+                "data": {**e.data, "origin": "agent"}
+                | ({"cleaned": list(e.cleaned)} if e.cleaned else {}),
                 "resolved_at": None,
             }
             for e in events

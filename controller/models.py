@@ -106,6 +106,9 @@ class Agent(SQLModel, table=True):
     last_seen_at: datetime | None = _ts(nullable=True)
     last_address: str | None = Field(default=None, max_length=64)
     disabled: bool = False
+    # The agent's clock minus ours, measured on its last delivery that said when it was sent.
+    clock_skew_s: float | None = None
+    clock_checked_at: datetime | None = _ts(nullable=True)
 
 
 class EnrollmentToken(SQLModel, table=True):

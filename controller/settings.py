@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     compliance_repeat_window_h: float = Field(
         default=24.0, gt=0, description="the repeat-offender window, in hours"
     )
+    report_max_age_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="reported items older than this are refused (an agent's outbox holds "
+        "reports through outages; size it to the longest outage you want to keep)",
+    )
+    report_max_skew_s: int = Field(
+        default=120,
+        ge=0,
+        le=86400,
+        description="how far ahead of the controller's clock a reported item may be dated",
+    )
     policy_ttl_s: int = Field(
         default=7 * 86400, ge=300, description="how long an issued policy bundle stays valid"
     )

@@ -55,6 +55,11 @@ class AgentPublic(BaseModel):
     last_seen_at: datetime | None
     last_address: str | None
     disabled: bool
+    clock_skew_s: float | None = Field(
+        description="the agent's clock minus the controller's at its last delivery "
+        "(positive: the agent runs fast); null until measured"
+    )
+    clock_checked_at: datetime | None
 
     @classmethod
     def of(cls, info: enrollment.AgentInfo) -> AgentPublic:
@@ -70,6 +75,8 @@ class AgentPublic(BaseModel):
             last_seen_at=agent.last_seen_at,
             last_address=agent.last_address,
             disabled=agent.disabled,
+            clock_skew_s=agent.clock_skew_s,
+            clock_checked_at=agent.clock_checked_at,
         )
 
 

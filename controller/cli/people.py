@@ -204,6 +204,10 @@ def agent_list(
                 "enrolled_at": i.agent.enrolled_at.isoformat(),
                 "last_seen_at": i.agent.last_seen_at.isoformat() if i.agent.last_seen_at else None,
                 "last_address": i.agent.last_address,
+                "clock_skew_s": i.agent.clock_skew_s,
+                "clock_checked_at": (
+                    i.agent.clock_checked_at.isoformat() if i.agent.clock_checked_at else None
+                ),
             }
             for i in infos
         ]
@@ -212,10 +216,21 @@ def agent_list(
     if not infos:
         _info("no agents enrolled")
         return
-    typer.echo(f"{'ID':<14} {'NAME':<20} {'SITE':<16} {'VERSION':<10} {'LAST SEEN':<10} SEGMENTS")
+    typer.echo(
+        f"{'ID':<14} {'NAME':<20} {'SITE':<16} {'VERSION':<10} {'LAST SEEN':<10} "
+        f"{'CLOCK':<10} SEGMENTS"
+    )
     for i in infos:
         name = i.agent.name + (" (disabled)" if i.agent.disabled else "")
         typer.echo(
             f"{i.agent.id:<14} {name:<20} {i.site:<16} {i.agent.version:<10} "
-            f"{_age(i.agent.last_seen_at, now):<10} {','.join(i.segments)}"
+            f"{_age(i.agent.last_seen_at, now):<10} {_skew(i.agent.clock_skew_s):<10} "
+            f"{','.join(i.segments)}"
         )
+
+
+def _skew(seconds: float | None) -> str:
+    """The agent's clock against ours: ``+2.1s`` fast, ``-40s`` slow, ``-`` never measured."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:+.1f}s" if abs(seconds) < 100 else f"{seconds:+.0f}s"

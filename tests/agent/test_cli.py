@@ -231,6 +231,35 @@ def test_status_before_the_daemon_ever_ran(tmp_path: Path) -> None:
     assert data == {"running": False, "outbox_depth": 0, "dead_letters": 0, "status": None}
 
 
+def test_status_shows_parked_batches_failing_head_and_clock_skew(tmp_path: Path) -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from agent.config import load_config
+    from agent.outbox import Outbox
+    from contract import ReportBatch
+
+    config = write_config(tmp_path, ["127.9.0.0/24"])
+    now = datetime.now(UTC)
+    with Outbox(load_config(config).outbox_path) as outbox:
+        bad, stuck = (
+            outbox.put(ReportBatch(batch_id=uuid.uuid4(), agent_clock=now, sequence=0))
+            for _ in range(2)
+        )
+        outbox.park(bad.batch_id, "controller answered 422: observations.0.ip: bad", 422)
+        outbox.failed(stuck.batch_id, "controller answered 503: db down")
+        outbox.record_clock(-95.0, now)
+    result = invoke("status", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "2 batch(es) waiting, 1 parked" in out  # the stuck one and the parking report
+    assert f"parked: #{bad.sequence} {bad.batch_id}" in out and "(422)" in out
+    assert "oldest batch failed 1 time(s): controller answered 503: db down" in out
+    assert "95.0 s behind the controller" in out and "CHECK NTP" in out
+    data = json.loads(invoke("status", "--config", str(config), "--json").stdout)
+    assert data["clock_skew_s"] == -95.0 and data["parked"][0]["status_code"] == 422
+
+
 def test_scan_as_a_real_process_keeps_progress_off_stdout(tmp_path: Path) -> None:
     subnet = f"127.{60 + os.getpid() % 30}.7.0/24"  # clear of the farm fixture's subnets
     with farm_process("--miners", "6", "--subnet", subnet, "--mix", "antminer=1,avalon=1"):

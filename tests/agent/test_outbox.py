@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import OutboxError, OutboxFull
-from agent.outbox import Outbox
-from contract import CONTRACT_VERSION, Observation, ReportBatch
+from agent.outbox import PARKED_EVENT, Outbox
+from contract import CONTRACT_VERSION, EventSeverity, Observation, ReportBatch
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -105,15 +105,65 @@ def test_ack_removes_exactly_that_batch(outbox: Outbox) -> None:
 def test_park_keeps_the_batch_and_the_reason(outbox: Outbox) -> None:
     a, b = outbox.put(make_batch()), outbox.put(make_batch())
     assert outbox.park(a.batch_id, "422: observations.0.ip: not an IPv4 address", 422)
-    assert outbox.peek(10) == [b]
+    # The queue moves on, and the controller will hear of it: an event queued behind.
+    b_again, report = outbox.peek(10)
+    assert b_again == b
+    [event] = report.events
+    assert (event.kind, event.severity) == (PARKED_EVENT, EventSeverity.CRITICAL)
+    assert event.data["batch_id"] == str(a.batch_id) and event.data["status_code"] == 422
+    assert event.data["items"] == {"observations": 1, "identities": 0, "events": 0}
+    assert "not an IPv4 address" in event.detail and report.sequence > b.sequence
     [dead] = outbox.dead_letters()
     assert dead.batch_id == a.batch_id and dead.sequence == a.sequence
     assert dead.status_code == 422 and "not an IPv4" in dead.reason
     assert ReportBatch.model_validate_json(dead.body).batch_id == a.batch_id
     stats = outbox.stats()
-    assert (stats.depth, stats.dead_letters) == (1, 1)
+    assert (stats.depth, stats.dead_letters) == (2, 1)
     assert stats.oldest_queued_at is not None
     assert not outbox.park(a.batch_id, "again")
+    # A parked report about parking does not report itself again (no endless chain).
+    assert outbox.park(report.batch_id, "422: refused", 422)
+    assert outbox.peek(10) == [b] and outbox.stats().dead_letters == 2
+
+
+def test_failures_and_strikes_are_counted_per_batch_and_shown(outbox: Outbox) -> None:
+    a, b = outbox.put(make_batch()), outbox.put(make_batch())
+    assert outbox.failed(a.batch_id, "controller answered 503") == 0
+    assert outbox.failed(a.batch_id, "controller answered 500", strike=True) == 1
+    assert outbox.failed(b.batch_id, "x", strike=True) == 1
+    assert outbox.failed(uuid.uuid4(), "not pending", strike=True) == 0
+    stats = outbox.stats()
+    assert (stats.head_attempts, stats.head_last_error) == (2, "controller answered 500")
+    assert stats.clock_skew_s is None
+    outbox.record_clock(-2.5, datetime(2026, 12, 1, tzinfo=UTC))
+    stats = outbox.stats()
+    assert stats.clock_skew_s == -2.5 and stats.clock_checked_at == "2026-12-01T00:00:00+00:00"
+
+
+def test_a_schema_1_outbox_is_upgraded_keeping_its_batches(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with sqlite3.connect(path) as conn:  # what agents before parking-with-strikes wrote
+        conn.executescript(
+            "CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) "
+            "WITHOUT ROWID;"
+            "CREATE TABLE pending (sequence INTEGER PRIMARY KEY, batch_id TEXT NOT NULL UNIQUE, "
+            "queued_at TEXT NOT NULL, body TEXT NOT NULL);"
+            "CREATE TABLE dead_letter (sequence INTEGER PRIMARY KEY, batch_id TEXT NOT NULL "
+            "UNIQUE, queued_at TEXT NOT NULL, parked_at TEXT NOT NULL, status_code INTEGER, "
+            "reason TEXT NOT NULL, body TEXT NOT NULL);"
+            "INSERT INTO outbox_meta VALUES ('next_sequence', 8);"
+            "PRAGMA user_version=1;"
+        )
+        old = make_batch().model_copy(update={"sequence": 7})
+        conn.execute(
+            "INSERT INTO pending VALUES (7, ?, '2026-12-01T00:00:00+00:00', ?)",
+            (str(old.batch_id), old.model_dump_json()),
+        )
+    conn.close()
+    with Outbox(path) as box:
+        assert box.peek(10) == [old]
+        assert box.failed(old.batch_id, "500", strike=True) == 1
+        assert box.put(make_batch()).sequence == 8
 
 
 def test_an_unreadable_row_is_parked_instead_of_blocking_the_queue(tmp_path: Path) -> None:

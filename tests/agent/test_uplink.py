@@ -49,6 +49,8 @@ from tests.farmproc import free_port
 
 SEGMENT = "127.61.0.0/24"
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
+# Reports must be dated within the controller's window (report_max_age_days): recent polls.
+POLLED = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 FAST_INITIAL_S, FAST_MAX_S = 0.01, 0.2
 
 
@@ -61,12 +63,12 @@ def make_batch(index: int = 0, observations: int = 2) -> ReportBatch:
     machines it can place)."""
     return ReportBatch(
         batch_id=uuid.uuid4(),
-        agent_clock=NOW,
+        agent_clock=POLLED,
         sequence=0,
         identities=[
             IdentityRecord(
                 ip=IPv4Address(f"127.61.0.{1 + k}"),
-                observed_at=NOW,
+                observed_at=POLLED,
                 serial=f"SN-UPLINK-{k:04d}",
                 mac=f"02:00:00:00:00:{k:02x}",
                 make="AntMiner",
@@ -77,7 +79,7 @@ def make_batch(index: int = 0, observations: int = 2) -> ReportBatch:
         observations=[
             Observation(
                 ip=IPv4Address(f"127.61.0.{1 + k}"),
-                observed_at=NOW + timedelta(seconds=index),
+                observed_at=POLLED + timedelta(seconds=index),
                 reachable=True,
                 is_mining=True,
                 hashrate_ths=100.0 + index,
@@ -158,6 +160,22 @@ class Controller:
                 {"a": agent_id},
             ).all()
         return [(str(r[0]), int(r[1])) for r in rows]
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        """The register events of ``kind`` the controller stored, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT severity, detail, data FROM event WHERE kind = :k ORDER BY id"),
+                {"k": kind},
+            ).all()
+        return [
+            {
+                "severity": r[0],
+                "detail": r[1],
+                "data": r[2] if isinstance(r[2], dict) else json.loads(r[2]),
+            }
+            for r in rows
+        ]
 
 
 @pytest.fixture
@@ -299,11 +317,16 @@ async def test_a_batch_another_agent_owns_is_parked_and_the_rest_goes_through(
     good = agent.outbox.put(make_batch(1))
     report = await agent.uplink.drain(agent.outbox)
     assert report.error is None
-    assert (report.delivered, report.parked, report.remaining) == (1, 1, 0)
+    # The good batch, and the report of the parking queued behind it.
+    assert (report.delivered, report.parked, report.remaining) == (2, 1, 0)
     [dead] = agent.outbox.dead_letters()
     assert dead.batch_id == clash.batch_id and dead.status_code == 409
     assert "another agent" in dead.reason
-    assert controller.ingested(agent.agent_id) == [(str(good.batch_id), good.sequence)]
+    delivered = controller.ingested(agent.agent_id)
+    assert delivered[0] == (str(good.batch_id), good.sequence) and len(delivered) == 2
+    [parked] = controller.events("batch_parked")
+    assert parked["data"]["batch_id"] == str(clash.batch_id)
+    assert parked["severity"] == "critical" and "another agent" in parked["detail"]
 
 
 async def test_a_malformed_batch_is_rejected_with_the_field_named(agent: Agent) -> None:
@@ -381,13 +404,19 @@ class Scripted:
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
+        self.poison: dict[str, Reply] = {}  # batch_id -> its answer, every time
+        self.clock_offset = timedelta(0)  # the controller's clock minus ours, for the ack
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.app = Starlette(routes=[Route("/{path:path}", self.handle, methods=["GET", "POST"])])
 
     async def handle(self, request: Request) -> Response:
         body = await request.body()
         self.requests.append((request.method, request.url.path, dict(request.headers), body))
-        reply = self.replies.pop(0) if self.replies else Reply()
+        batch_id = json.loads(body).get("batch_id") if body else None
+        if batch_id in self.poison:
+            reply = self.poison[batch_id]
+        else:
+            reply = self.replies.pop(0) if self.replies else Reply()
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.trickle:
@@ -401,11 +430,15 @@ class Scripted:
         content = reply.body
         if content is None:
             batch_id = json.loads(body)["batch_id"]
-            content = (
-                BatchAck(batch_id=batch_id, duplicate=False, observations=0, identities=0, events=0)
-                .model_dump_json()
-                .encode()
+            ack = BatchAck(
+                batch_id=batch_id,
+                duplicate=False,
+                observations=0,
+                identities=0,
+                events=0,
+                received_at=datetime.now(UTC) + self.clock_offset,
             )
+            content = ack.model_dump_json().encode()
         return Response(
             content, status_code=reply.status, headers=reply.headers, media_type="application/json"
         )
@@ -436,7 +469,9 @@ async def test_push_sends_the_bearer_secret_and_the_batch(scripted: tuple[Script
     assert headers["authorization"] == f"Bearer {SECRET.get_secret_value()}"
     assert headers["content-type"] == "application/json"
     assert headers["user-agent"].startswith("asicfleet-agent/")
-    assert ReportBatch.model_validate_json(body) == batch
+    sent = ReportBatch.model_validate_json(body)
+    assert sent.sent_at is not None  # when it was sent, so the controller can measure skew
+    assert sent.model_copy(update={"sent_at": None}) == batch
 
 
 @pytest.mark.parametrize(
@@ -605,3 +640,75 @@ def test_retry_after_parsing() -> None:
     assert retry_after_s("Sun, 01 Nov 2026 00:01:00 GMT", now=NOW) == 60.0
     assert retry_after_s("Sat, 31 Oct 2026 00:00:00 GMT", now=NOW) == 0.0
     assert retry_after_s("soon") is None and retry_after_s(None) is None
+
+
+# --- parking: a batch that can never be accepted -------------------------------------------------
+
+
+def sent_ids(fake: Scripted) -> list[str]:
+    return [json.loads(body)["batch_id"] for _, _, _, body in fake.requests]
+
+
+async def test_a_batch_that_alone_fails_with_500_is_parked_after_strikes_and_the_queue_moves_on(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    fake, url = scripted
+    with Outbox(tmp_path / "outbox.sqlite3") as outbox:
+        poison = outbox.put(make_batch(0))
+        fake.poison[str(poison.batch_id)] = Reply(500, b'{"detail":"Internal Server Error"}')
+        others = [outbox.put(make_batch(i)) for i in range(1, 6)]
+        async with Uplink(url, SECRET, backoff=fast_backoff()) as uplink:
+            reports = []
+            while outbox.stats().dead_letters == 0:
+                assert len(reports) < 10, "the poison batch was never parked"
+                reports.append(await uplink.drain(outbox))
+            # Each strike was proved by the batch behind being accepted, then backed off.
+            assert [r.error is not None for r in reports] == [True, True, False]
+            rest = await uplink.drain(outbox)
+        assert rest.error is None and outbox.depth() == 0
+        [dead] = outbox.dead_letters()
+        assert dead.batch_id == poison.batch_id and dead.status_code == 500
+        assert "3 times while later batches were accepted" in dead.reason
+        assert ReportBatch.model_validate_json(dead.body) == poison  # nothing deleted
+    delivered = sent_ids(fake)
+    assert delivered.count(str(poison.batch_id)) == 3
+    # Every other batch went through, in order, and then the report of the parking.
+    accepted = [b for b in delivered if b != str(poison.batch_id)]
+    assert accepted[:5] == [str(b.batch_id) for b in others]
+    report = ReportBatch.model_validate_json(fake.requests[-1][3])
+    [event] = report.events
+    assert event.kind == "batch_parked" and event.data["batch_id"] == str(poison.batch_id)
+    assert event.data["status_code"] == 500 and event.data["attempts"] == 3
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_controller_failing_everything_parks_nothing(
+    scripted: tuple[Scripted, str], tmp_path: Path, status: int
+) -> None:
+    fake, url = scripted
+    with Outbox(tmp_path / "outbox.sqlite3") as outbox:
+        batches = [outbox.put(make_batch(i)) for i in range(3)]
+        for batch in batches:
+            fake.poison[str(batch.batch_id)] = Reply(status, b'{"detail":"database unavailable"}')
+        async with Uplink(url, SECRET, backoff=fast_backoff()) as uplink:
+            for _ in range(6):
+                report = await uplink.drain(outbox)
+                assert isinstance(report.error, ControllerUnreachable) and report.parked == 0
+        assert outbox.peek(10) == batches and outbox.dead_letters() == []
+        stats = outbox.stats()
+        assert stats.head_attempts == 6 and "database unavailable" in (stats.head_last_error or "")
+
+
+async def test_clock_skew_is_measured_from_the_ack_and_kept_in_the_outbox(
+    scripted: tuple[Scripted, str], tmp_path: Path
+) -> None:
+    fake, url = scripted
+    fake.clock_offset = -timedelta(seconds=45)  # the controller is 45 s behind us
+    with Outbox(tmp_path / "outbox.sqlite3") as outbox:
+        outbox.put(make_batch())
+        async with Uplink(url, SECRET) as uplink:
+            report = await uplink.drain(outbox)
+            assert report.delivered == 1
+            skew = uplink.state.clock_skew_s
+        assert skew is not None and 40 < skew < 50
+        assert outbox.stats().clock_skew_s == skew

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 
 import pytest
 from pydantic import ValidationError
@@ -86,3 +87,59 @@ def test_policy_signing_bytes_exclude_the_signature_and_are_stable() -> None:
     assert b'"version":3' in bundle.signing_bytes()
     changed = bundle.model_copy(update={"version": 4})
     assert changed.signing_bytes() != bundle.signing_bytes()
+
+
+def test_report_text_is_cleaned_with_notes_never_refusing_the_batch() -> None:
+    body = batch(
+        observations=[
+            {
+                "ip": "127.10.0.1",
+                "observed_at": "2026-11-01T00:00:00Z",
+                "reachable": True,
+                "serial": "S" * 300,
+                "error": "bad\x00byte",
+                "pools": [{"url": "stratum+tcp://p\ud800:1", "user": "w"}],
+            }
+        ],
+        events=[{"kind": "odd", "at": "2026-11-01T00:00:00Z", "data": {"k": "\x00"}}],
+    )
+    parsed = ReportBatch.model_validate(body)
+    [obs] = parsed.observations
+    assert (
+        len(obs.serial or "") == 128
+        and (obs.serial or "").endswith("\ufffd")
+        and obs.error == "bad\ufffdbyte"
+    )
+    assert obs.pools[0].url == "stratum+tcp://p\ufffd:1"
+    assert obs.cleaned == [
+        "error: 1 invalid character(s) replaced (NUL)",
+        "pools[0].url: 1 invalid character(s) replaced (lone surrogate)",
+        "serial: cut from 300 to 128 characters",
+    ]
+    assert parsed.events[0].data == {"k": "\ufffd"}
+    assert parsed.events[0].cleaned == ["data.k: 1 invalid character(s) replaced (NUL)"]
+    # The notes travel: what the agent cleaned is still said on the controller's side.
+    again = ReportBatch.model_validate_json(parsed.model_dump_json())
+    assert again.observations[0].cleaned == obs.cleaned
+    # Limits are documented in the schema though enforced by cutting.
+    schema = Observation.model_json_schema()
+    assert schema["properties"]["serial"]["maxLength"] == 128
+    # Clean input is returned as it came, with no notes.
+    clean = ReportBatch.model_validate(batch())
+    assert clean.observations[0].cleaned == []
+
+
+def test_an_item_built_from_a_miners_string_with_a_lone_surrogate_is_cleaned_not_refused() -> None:
+    """On the agent, a report item is built from what a miner said (Python strings)."""
+    obs = Observation(
+        ip=IPv4Address("127.10.0.1"),
+        observed_at=NOW,
+        reachable=True,
+        serial="SN\ud800",
+        pools=[{"url": "stratum+tcp://p:1", "user": "w\ud800"}],  # type: ignore[list-item]
+    )
+    assert obs.serial == "SN\ufffd" and obs.pools[0].user == "w\ufffd"
+    assert obs.cleaned == [
+        "serial: 1 invalid character(s) replaced (lone surrogate)",
+        "pools[0].user: 1 invalid character(s) replaced (lone surrogate)",
+    ]
