@@ -1,6 +1,6 @@
 """agent clock skew, measured at ingestion
 
-Revision ID: 0003_ingest_bounds
+Revision ID: 0003
 Revises: 0002
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_ingest_bounds"
+revision: str = "0003"
 down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
