@@ -205,6 +205,15 @@ def _check_password(session: Session, name: str, password: str) -> CliUser | Non
     return CliUser(name=user.name, role=Role(user.role))
 
 
+def by_password(ctx: typer.Context, credential: ByPassword) -> CliUser:
+    """The user named in ``credential``, proven by their password (exit 1 if it is wrong)."""
+    name, password = credential.name, _password(credential)
+    found = _run(ctx, lambda s: _check_password(s, name, password))
+    if found is None:
+        fail(f"--as {name}: invalid user name or password")
+    return found
+
+
 def person(ctx: typer.Context, as_user: str, password_stdin: bool) -> CliUser:
     """The controller user this command acts as (see the module docstring); fails clearly."""
     env_token = os.environ.get(TOKEN_ENV, "").strip()
@@ -213,11 +222,7 @@ def person(ctx: typer.Context, as_user: str, password_stdin: bool) -> CliUser:
     if isinstance(credential, str):
         fail(credential, code=2)
     if isinstance(credential, ByPassword):
-        name, password = credential.name, _password(credential)
-        found = _run(ctx, lambda s: _check_password(s, name, password))
-        if found is None:
-            fail(f"--as {name}: invalid user name or password")
-        return found
+        return by_password(ctx, credential)
     secret = credential.secret
 
     def by_token(session: Session) -> CliUser | None:

@@ -7,7 +7,6 @@ The commands call the same services as the API and act as a named controller use
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
@@ -19,7 +18,15 @@ from controller import accounts, enrollment, sites
 from controller.actors import Actor, cli_actor
 from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
-from controller.cli.identity import AsOpt, StdinOpt, acting_user, person, store_login, token_file
+from controller.cli.identity import (
+    AsOpt,
+    ByPassword,
+    StdinOpt,
+    acting_user,
+    by_password,
+    store_login,
+    token_file,
+)
 from controller.models import Role, User, utcnow
 from controller.pool_policy import CliUser
 
@@ -275,10 +282,7 @@ def login(
         fail(str(exc), code=2)
     if not timedelta(minutes=1) <= lifetime <= timedelta(days=365):
         fail(f"--ttl {ttl}: give between 1m and 365d", code=2)
-    os.environ.pop("ASICFLEET_TOKEN", None)  # logging in is by password, never by a token
-    if not password_stdin and token_file().exists():
-        token_file().unlink()  # a login for someone else must not stand in for the password
-    me = person(ctx, as_user, password_stdin)
+    me = by_password(ctx, ByPassword(as_user, from_stdin=password_stdin))  # never a token
 
     def issue(session: Session) -> accounts.IssuedToken:
         user = accounts.get_user(session, me.name)

@@ -175,6 +175,12 @@ def test_login_stores_a_private_token_that_later_commands_use(
     other = cli("policy", "set", "alpha", "--canary-size", "5", "--as", "adam")
     assert other.exit_code == 2 and "no terminal to ask the password" in other.stderr
 
+    # a failed login (wrong password, no terminal) leaves the stored login as it was
+    failed = cli("login", "--as", "adam", "--password-stdin", input="wrong password\n")
+    assert failed.exit_code == 1
+    assert cli("login", "--as", "adam").exit_code == 2
+    assert json.loads(stored.read_text())["token"] == secret
+
     stored.chmod(0o644)
     opened = cli("policy", "set", "alpha", "--canary-size", "5")
     assert opened.exit_code == 2
