@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from sqlmodel import Session, select
 
@@ -118,7 +117,7 @@ def role_problem(person: CliUser, route: tuple[str, str], doing: str) -> str | N
 
 def token_file() -> Path:
     """``$XDG_CONFIG_HOME/asicfleet/controller-token.json`` (``~/.config/…`` by default)."""
-    return Path(click.get_app_dir("asicfleet")) / TOKEN_FILE_NAME
+    return Path(typer.get_app_dir("asicfleet")) / TOKEN_FILE_NAME
 
 
 def read_stored_login() -> StoredLogin | None:
