@@ -213,3 +213,23 @@ def test_a_revoked_token_in_the_environment_is_refused(
         "error: ASICFLEET_TOKEN: the token is unknown to this controller, revoked or expired"
     )
     assert audit_entries(engine) == []
+
+
+def test_which_credential_names_the_actor() -> None:
+    from controller.cli.identity import ByPassword, ByToken, StoredLogin, choose_credential
+
+    stored = StoredLogin(user="olga", token="afu_stored", path=Path("/x/controller-token.json"))
+    env = "afu_env"
+    assert choose_credential("olga", True, env, stored) == ByPassword("olga", from_stdin=True)
+    assert choose_credential("", False, env, stored) == ByToken(env, "ASICFLEET_TOKEN", "")
+    assert choose_credential("adam", False, env, None) == ByToken(env, "ASICFLEET_TOKEN", "adam")
+    assert choose_credential("", False, "", stored) == ByToken(
+        "afu_stored", "the login stored in /x/controller-token.json", "olga"
+    )
+    assert choose_credential("olga", False, "", stored) == ByToken(
+        "afu_stored", "the login stored in /x/controller-token.json", "olga"
+    )
+    # someone else's stored login never stands in for adam: his password is asked
+    assert choose_credential("adam", False, "", stored) == ByPassword("adam", from_stdin=False)
+    for refused in (choose_credential("", False, "", None), choose_credential("", True, "", None)):
+        assert isinstance(refused, str)
