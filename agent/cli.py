@@ -90,13 +90,58 @@ def _allowed(config: AgentConfig | None) -> list[IPv4Network]:
 # --- enroll -------------------------------------------------------------------------------------
 
 
+def _enrollment_token(flag: str | None, from_stdin: bool, path: Path | None) -> str:
+    """The token from exactly one of --token-stdin, --token-file, --token (with a warning)."""
+    given = [n for n, on in (("--token-stdin", from_stdin), ("--token-file", path is not None),
+                             ("--token", flag is not None)) if on]  # fmt: skip
+    if len(given) != 1:
+        fail(
+            "give the enrollment token with one of --token-stdin (piped in) or --token-file"
+            + (f", not {' and '.join(given)}" if given else ""),
+            code=2,
+        )
+    if from_stdin:
+        text, where = sys.stdin.readline(), "standard input"
+    elif path is not None:
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except OSError as exc:
+            fail(f"--token-file {path}: {exc.strerror or exc}", code=2)
+        except UnicodeDecodeError:
+            fail(f"--token-file {path}: not a text file", code=2)
+    else:
+        typer.echo(
+            "warning: --token is visible to every user of this host in the process list; "
+            "use --token-stdin or --token-file",
+            err=True,
+        )
+        text, where = flag or "", "--token"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        fail(f"{where}: expected the token on one line, found {len(lines)} lines", code=2)
+    return lines[0]
+
+
 @app.command()
 def enroll(
     controller: Annotated[
         str, typer.Option("--controller", help="The controller's URL, e.g. https://host:8443.")
     ],
-    token: Annotated[str, typer.Option("--token", help="One-time enrollment token.")],
     config: ConfigOpt,
+    token_stdin: Annotated[
+        bool, typer.Option("--token-stdin", help="Read the one-time token from standard input.")
+    ] = False,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="Read the one-time token from this file.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="The one-time token itself (discouraged: other users of the host see it in "
+            "the process list; use --token-stdin or --token-file).",
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="This agent's name (default: the host name).")
     ] = None,
@@ -110,6 +155,7 @@ def enroll(
         ControllerConfig(url=controller)
     except ValueError as exc:
         fail(f"--controller: {str(exc).splitlines()[-1].strip()}", code=2)
+    token = _enrollment_token(token, token_stdin, token_file)
     ca_path = None
     timeout_s = 15.0
     if config.exists():

@@ -106,6 +106,8 @@ class PolicyGuard:
         self.site = site
         self._current: PolicyBundle | None = None
         self._last_refusal: _Refusal | None = None
+        self.stored_refusal: str | None = None
+        """Why the stored bundle was ignored on load (None when there was none, or it is used)."""
         self._current = self._load()
 
     @property
@@ -118,27 +120,29 @@ class PolicyGuard:
         return current is not None and current.expires_at <= (now or utcnow())
 
     def _load(self) -> PolicyBundle | None:
-        """The stored bundle, verified again (the file may have been edited since)."""
+        """The stored bundle, verified again (the file may have been edited, or copied from
+        another agent's data dir since); why it is ignored goes to ``stored_refusal``."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.error("%s: cannot read the stored policy: %s", self.path, exc.strerror)
-            return None
+            return self._ignore(f"cannot read the stored policy: {exc.strerror}")
         try:
             bundle = PolicyBundle.model_validate_json(raw)
         except ValidationError:
-            log.error("%s: stored policy is not a policy bundle; ignoring it", self.path)
-            return None
+            return self._ignore("the stored policy is not a policy bundle")
         if not signature_valid(self.public_key, bundle):
-            log.error(
-                "%s: stored policy version %d fails signature verification (edited, or "
-                "signed by another controller key); ignoring it",
-                self.path,
-                bundle.version,
+            return self._ignore(
+                f"the stored policy version {bundle.version} fails signature verification "
+                "(edited, or signed by another controller key)"
             )
-            return None
+        if self.site is not None and bundle.content.site != self.site:
+            return self._ignore(
+                f"the stored policy version {bundle.version} is for site "
+                f"{bundle.content.site!r}, this agent serves {self.site!r} (copied from "
+                "another agent?)"
+            )
         if bundle.expires_at <= utcnow():
             log.warning(
                 "stored policy version %d expired at %s; enforcing it until the controller "
@@ -147,6 +151,12 @@ class PolicyGuard:
                 bundle.expires_at.isoformat(),
             )
         return bundle
+
+    def _ignore(self, why: str) -> PolicyBundle | None:
+        """Record and log why the stored bundle is not used; always None (no bundle)."""
+        self.stored_refusal = f"{self.path}: {why}; ignoring it"
+        log.error("%s", self.stored_refusal)
+        return None
 
     def accept(self, bundle: PolicyBundle, now: datetime | None = None) -> PolicyBundle:
         """Return the bundle now in force after offering ``bundle``, or raise PolicyRefused.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -18,6 +19,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+PRIVATE_UMASK = 0o077
+
+
+@app.callback()
+def _private_files(ctx: typer.Context) -> None:
+    """Whatever the caller's umask, what asicfleet creates is its owner's alone: directories
+    0700 and files 0600 (databases and their WAL, keys, exports, outbox, policy, configs).
+    Restored when the command ends, so an in-process caller keeps its own umask."""
+    previous = os.umask(PRIVATE_UMASK)
+    ctx.call_on_close(lambda: os.umask(previous))
+
+
 app.add_typer(sim_app, name="sim")
 app.add_typer(controller_app, name="controller")
 app.add_typer(agent_app, name="agent")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -263,17 +264,51 @@ WRAPPER = (
 )
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True, check=False
+        [sys.executable, "-c", WRAPPER, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else os.environ | env,
     )
+
+
+def exporter_token(db: Path) -> str:
+    """A personal token of a compliance user: exports are made by a named user (issue 10)."""
+    from sqlmodel import Session, select
+
+    from controller.db import make_engine
+    from controller.models import ApiToken, Role, User
+    from controller.security import USER_TOKEN_PREFIX, hash_password, new_token, token_hash
+
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        with Session(engine) as session:
+            user = session.exec(select(User).where(User.name == "bench-compliance")).first()
+            if user is None:
+                user = User(
+                    name="bench-compliance",
+                    role=Role.COMPLIANCE,
+                    password_hash=hash_password(new_token("")),
+                )
+                session.add(user)
+                session.flush()
+            assert user.id is not None
+            token = new_token(USER_TOKEN_PREFIX)
+            session.add(ApiToken(user_id=user.id, name="bench", token_hash=token_hash(token)))
+            session.commit()
+    finally:
+        engine.dispose()
+    return token
 
 
 def run_child(db: Path, data_dir: Path, out: Path, args: list[str]) -> tuple[float, float]:
     """One export in its own process: (seconds, peak RSS in MiB of that process)."""
+    env = {"ASICFLEET_TOKEN": exporter_token(db)}
     started = time.perf_counter()
     done = cli("controller", "--data-dir", str(data_dir), "--database-url", f"sqlite:///{db}",
-               "export", *args, "--out", str(out))  # fmt: skip
+               "export", *args, "--out", str(out), env=env)  # fmt: skip
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"export failed: {' '.join(args)}\n{done.stderr}")

@@ -31,7 +31,9 @@ class Actor(Protocol):
 
 @dataclass(frozen=True)
 class ConsoleActor:
-    """A person at the controller's console; audited as ``cli:<os user>``."""
+    """The operating-system account at the console, audited as ``cli:<os user>``: only for the
+    first admin of an empty controller (every other CLI write acts as a named user,
+    :mod:`controller.cli.identity`), and for the demo's own seeding."""
 
     name: str
     kind: str = "user"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
@@ -18,6 +20,8 @@ from controller.settings import Settings
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine tuned for the backend: WAL, foreign keys and a busy timeout on SQLite."""
     if url.startswith("sqlite"):
+        if (path := sqlite_file(url)) is not None:
+            make_private(path)
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
         )
@@ -46,9 +50,40 @@ def _switch_to_wal(cursor: Any) -> None:
             time.sleep(0.05)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL, or None (in memory, or a ``file:`` URI)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def make_private(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does, and narrow an older, wider one.
+
+    SQLite creates its ``-wal`` and ``-shm`` files with the database file's mode, so they
+    follow; whatever the process umask, the data is readable by its owner only.
+    """
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists() and side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+    except OSError:
+        return  # not ours to create or narrow (read-only, another owner): SQLite will say why
+
+
 def engine_for(settings: Settings) -> Engine:
     if settings.database_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return make_engine(settings.effective_database_url)
 
 

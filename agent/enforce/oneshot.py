@@ -46,6 +46,8 @@ def stored_policy(config: AgentConfig) -> PolicyGuard:
     path = policy_path(config.data_dir)
     guard = PolicyGuard(config.controller.public_key, path, site=config.site)
     if guard.current is None:
+        if guard.stored_refusal is not None:
+            raise AgentError(f"no valid policy stored: {guard.stored_refusal}")
         raise AgentError(
             f"{path}: no valid policy stored yet (the running agent stores the controller's "
             "bundle after verifying it)"

@@ -141,6 +141,10 @@ class Demo:
         self.enrollment_token = ""
         self.tampering = Tampering(foreign=(), malware=())
         self.started = time.monotonic()
+        self.stopping = False
+        self.hurry = False
+        self._spawning = False
+        self._deferred_interrupt = False
 
     @property
     def controller_url(self) -> str:
@@ -153,6 +157,11 @@ class Demo:
     # --- the whole run -------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Run until done or interrupted; any number of Ctrl-C (or SIGTERM) still cleans up."""
+        with self._interrupts():
+            return self._run()
+
+    def _run(self) -> int:
         try:
             self._start()
             return self._watch()
@@ -382,12 +391,19 @@ class Demo:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = self.root / f"{name.replace(' ', '-')}.log"
         clean = {k: v for k, v in os.environ.items() if not k.startswith("ASICFLEET_")}
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=clean | (env or {}) | {"PYTHONUNBUFFERED": "1"}, start_new_session=True,
-            )  # fmt: skip
-        self.children.append(Child(name, process, log))
+        self._spawning = True
+        try:
+            with log.open("ab") as out:
+                process = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=clean | (env or {}) | {"PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                )  # fmt: skip
+            self.children.append(Child(name, process, log))
+        finally:
+            self._spawning = False
+        if self._deferred_interrupt and not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
 
     def _wait_up(self, name: str, url: str) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -400,20 +416,73 @@ class Demo:
             time.sleep(0.3)
         raise DemoError(f"the {name} did not come up within {STARTUP_TIMEOUT_S:g} s")
 
+    @contextlib.contextmanager
+    def _interrupts(self) -> Iterator[None]:
+        """The first Ctrl-C (or SIGTERM) stops the demo; one during the shutdown only hurries
+        it (the components are killed instead of waited for), so the data directory, with
+        the demo users' passwords, is still removed, however often the user presses Ctrl-C."""
+
+        def interrupt(signum: int, frame: object) -> None:
+            if self.stopping:
+                self.hurry = True  # no printing here: the main thread may be inside a print
+            elif self._spawning:  # a started process must be on the list before we stop
+                self._deferred_interrupt = True
+            else:
+                self.stopping = True
+                raise KeyboardInterrupt
+
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def _stop(self) -> None:
+        self.stopping = True
+        try:
+            self._stop_children()
+        finally:
+            self._remove_data()
+
+    def _stop_children(self) -> None:
         for child in reversed(self.children):  # agent first: it flushes to the controller
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGINT if "farm" in child.name else signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        announced = False
         for child in reversed(self.children):
-            try:
-                child.process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+            while child.process.poll() is None:
+                if self.hurry and not announced:
+                    announced = True
+                    self.say("interrupted again: killing the components now; still cleaning up")
+                if self.hurry or time.monotonic() > deadline:
+                    with contextlib.suppress(OSError):  # its own session: its whole group
+                        os.killpg(child.process.pid, signal.SIGKILL)
+                    child.process.wait()
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.process.wait(timeout=0.2)
+
+    def _remove_data(self) -> None:
+        """Remove the data directory, or say plainly what was left where."""
         if self.options.keep_data:
-            self.say(f"kept {self.root}")
+            self.say(
+                f"kept {self.root} (logs and databases; logins.txt there holds the demo "
+                "users' passwords)"
+            )
+            return
+        problems: list[str] = []
+        shutil.rmtree(  # Python 3.11: onerror (onexc is 3.12)
+            self.root, onerror=lambda _f, path, info: problems.append(f"{path}: {info[1]}")
+        )
+        if self.root.exists():
+            self.say(
+                f"warning: could not remove the data directory {self.root} ({'; '.join(problems)}"
+                f"); it holds logins.txt with the demo users' passwords: remove it by hand"
+            )
         else:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self.say(f"removed the data directory {self.root}")
 
     # --- watching ----------------------------------------------------------------------------
 
@@ -482,20 +551,5 @@ class Demo:
         )  # fmt: skip
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Stop cleanly on SIGTERM as on Ctrl-C."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> int:
-    with sigterm_as_interrupt():
-        return Demo(options, say).run()
+    return Demo(options, say).run()

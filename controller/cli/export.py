@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from controller.actors import cli_actor
 from controller.cli.context import context, fail
+from controller.cli.identity import AsOpt, StdinOpt, acting_user
 from controller.db import session_scope
 from controller.errors import ControllerError, NotFound
 from controller.exports.compliance_report import DEFAULT_REPEAT_THRESHOLD
@@ -71,10 +71,17 @@ def parse_lang(text: str) -> Lang:
     raise ValueError(f"--lang {text!r}: choose {' or '.join(LANGS)}")
 
 
-def _run(ctx: typer.Context, request: ExportRequest, out: Path, make_zip: bool) -> None:
+def _run(
+    ctx: typer.Context,
+    request: ExportRequest,
+    out: Path,
+    make_zip: bool,
+    who: tuple[str, bool],
+) -> None:
     problems = request.problems()
     if problems:
         fail("; ".join(problems), code=2)
+    actor = acting_user(ctx, *who, route=("POST", "/exports"), doing="exporting evidence")
     cli = context(ctx)
     settings = cli.settings()
     engine = cli.engine()
@@ -86,7 +93,7 @@ def _run(ctx: typer.Context, request: ExportRequest, out: Path, make_zip: bool) 
                 request,
                 out,
                 key,
-                cli_actor(),
+                actor,
                 resolution_s=settings.history_resolution_s,
             )
     except (ExportError, NotFound) as exc:  # the request cannot be met as given
@@ -113,6 +120,7 @@ LangOpt = Annotated[str, typer.Option("--lang", help="Headers and labels: en or 
 OutOpt = Annotated[Path, typer.Option("--out", help="A new (or empty) folder for the export.")]
 SiteOpt = Annotated[str | None, typer.Option("--site", help="Only this site.")]
 ZipOpt = Annotated[bool, typer.Option("--zip", help="Also write OUT.zip beside the folder.")]
+# every export is made by a named controller user (compliance or inspector), as by the API
 
 
 def register(app: typer.Typer) -> None:
@@ -140,6 +148,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         model: Annotated[str | None, typer.Option("--model", help="Only this model.")] = None,
         make_zip: ZipOpt = False,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """The machine register as it stood at --as-of, rebuilt from history."""
         try:
@@ -155,7 +165,7 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             fail(str(exc), code=2)
-        _run(ctx, request, out, make_zip)
+        _run(ctx, request, out, make_zip, (as_user, password_stdin))
 
     @group.command("compliance")
     def compliance(
@@ -176,6 +186,8 @@ def register(app: typer.Typer) -> None:
             ),
         ] = DEFAULT_REPEAT_THRESHOLD,
         make_zip: ZipOpt = False,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """Pool compliance per machine, per site and for the fleet over --period."""
         try:
@@ -189,7 +201,7 @@ def register(app: typer.Typer) -> None:
             )
         except ValueError as exc:
             fail(str(exc), code=2)
-        _run(ctx, request, out, make_zip)
+        _run(ctx, request, out, make_zip, (as_user, password_stdin))
 
     @group.command("audit")
     def audit_(
@@ -197,13 +209,15 @@ def register(app: typer.Typer) -> None:
         out: OutOpt,
         formats: Annotated[str, typer.Option("--format", help="csv,json")] = "csv,json",
         make_zip: ZipOpt = False,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """The whole audit log with its hash chain (verify-export recomputes the chain)."""
         try:
             request = ExportRequest(kind="audit", formats=parse_formats(formats))
         except ValueError as exc:
             fail(str(exc), code=2)
-        _run(ctx, request, out, make_zip)
+        _run(ctx, request, out, make_zip, (as_user, password_stdin))
 
     @group.command("public-key")
     def public_key(ctx: typer.Context) -> None:

@@ -1,6 +1,7 @@
 """``asicfleet controller user|site|agent …``: people, sites and agent enrollment at the console.
 
-The commands call the same services as the API and are audited as ``cli:<os user>``.
+The commands call the same services as the API and act as a named controller user (see
+:mod:`controller.cli.identity`); only the very first admin is added by the OS account.
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from controller import accounts, enrollment, sites
-from controller.actors import cli_actor
+from controller.actors import Actor, cli_actor
 from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
-from controller.models import Role, utcnow
+from controller.cli.identity import (
+    AsOpt,
+    ByPassword,
+    StdinOpt,
+    acting_user,
+    by_password,
+    store_login,
+    token_file,
+)
+from controller.models import Role, User, utcnow
+from controller.pool_policy import CliUser
 
 T = TypeVar("T")
 
@@ -35,6 +46,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(user_app, name="user")
     app.add_typer(site_app, name="site")
     app.add_typer(agent_app, name="agent")
+    app.command("login")(login)
+    app.command("logout")(logout)
 
 
 def _info(message: str) -> None:
@@ -63,16 +76,24 @@ def user_add(
     name: Annotated[str, typer.Argument(help="Login name.")],
     role: Annotated[Role, typer.Option(help="What the user may do.")],
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+        bool,
+        typer.Option("--password-stdin", help="Read the NEW user's password from standard input."),
     ] = False,
+    as_user: AsOpt = "",
 ) -> None:
-    """Add a user (the first admin is made this way)."""
+    """Add a user, acting as an admin; the very first admin is added by the OS account."""
     if problem := accounts.name_problem(name):
         fail(problem)
+    actor: Actor
+    if _run(ctx, lambda s: s.exec(select(User.id)).first()) is None:  # bootstrap
+        if role is not Role.ADMIN:
+            fail("the controller has no users yet: the first user must be an admin", code=2)
+        actor = cli_actor()
+    else:
+        actor = acting_user(ctx, as_user, False, route=("POST", "/users"), doing="adding a user")
     password = _read_password(password_stdin)
     if problem := accounts.password_problem(password):
         fail(problem)
-    actor = cli_actor()
     _run(
         ctx,
         lambda s: accounts.create_user(s, actor, name=name, role=role, password=password),
@@ -99,9 +120,13 @@ def site_add(
     licence: Annotated[str, typer.Option(help="Mining licence number.")],
     dmp_account: Annotated[str, typer.Option(help="Account at the digital mining pool.")] = "",
     owner: Annotated[str, typer.Option(help="Legal owner of the site's machines.")] = "",
+    as_user: AsOpt = "",
+    password_stdin: StdinOpt = False,
 ) -> None:
-    """Add a site."""
-    actor = cli_actor()
+    """Add a site (operator, admin)."""
+    actor = acting_user(
+        ctx, as_user, password_stdin, route=("POST", "/sites"), doing="adding a site"
+    )
     _run(
         ctx,
         lambda s: sites.create_site(
@@ -124,9 +149,17 @@ def segment_add(
     ctx: typer.Context,
     site: Annotated[str, typer.Argument(help="Site name.")],
     cidr: Annotated[str, typer.Argument(help="LAN segment, e.g. 10.20.1.0/24.")],
+    as_user: AsOpt = "",
+    password_stdin: StdinOpt = False,
 ) -> None:
     """Add a LAN segment to a site (overlapping any existing segment is refused)."""
-    actor = cli_actor()
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/sites/{name}/segments"),
+        doing="adding a segment",
+    )
     added = _run(ctx, lambda s: sites.add_segment(s, actor, sites.get_site(s, site), cidr).cidr)
     _info(f"segment {added} added to site {site}")
 
@@ -158,6 +191,8 @@ def agent_token(
     ttl: Annotated[
         str | None, typer.Option(help="How long the token is valid, e.g. 30m, 1h, 2d.")
     ] = None,
+    as_user: AsOpt = "",
+    password_stdin: StdinOpt = False,
 ) -> None:
     """Make a one-time enrollment token. Only the token goes to stdout."""
     if ttl is None:
@@ -167,7 +202,13 @@ def agent_token(
             lifetime = enrollment.parse_duration(ttl)
         except ValueError as exc:
             fail(str(exc), code=2)
-    actor = cli_actor()
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/agents/enrollment-tokens"),
+        doing="making an enrollment token",
+    )
     issued = _run(
         ctx,
         lambda s: enrollment.create_token(s, actor, site_name=site, cidrs=segment, ttl=lifetime),
@@ -234,3 +275,65 @@ def _skew(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds:+.1f}s" if abs(seconds) < 100 else f"{seconds:+.0f}s"
+
+
+# --- logging in at the console ------------------------------------------------------------------
+
+DEFAULT_LOGIN_TTL = "30d"
+
+
+def login(
+    ctx: typer.Context,
+    as_user: Annotated[str, typer.Option("--as", metavar="USER", help="Your controller user.")],
+    password_stdin: StdinOpt = False,
+    ttl: Annotated[
+        str, typer.Option(help="How long the stored token works, e.g. 12h, 30d.")
+    ] = DEFAULT_LOGIN_TTL,
+) -> None:
+    """Prove who you are once; later commands act as you without --as (token stored 0600)."""
+    try:
+        lifetime = enrollment.parse_duration(ttl)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    if not timedelta(minutes=1) <= lifetime <= timedelta(days=365):
+        fail(f"--ttl {ttl}: give between 1m and 365d", code=2)
+    me = by_password(ctx, ByPassword(as_user, from_stdin=password_stdin))  # never a token
+
+    def issue(session: Session) -> accounts.IssuedToken:
+        user = accounts.get_user(session, me.name)
+        assert user.id is not None
+        return accounts.create_api_token(
+            session, me, user.id, name="cli login", expires_in=lifetime
+        )
+
+    issued = _run(ctx, issue)
+    path = store_login(me.name, issued.secret, issued.row.expires_at)
+    expires = issued.row.expires_at
+    _info(
+        f"logged in as {me.name} ({me.role.value}) until {expires:%Y-%m-%d %H:%M} UTC; "
+        f"token stored in {path} (mode 0600)"
+    )
+
+
+def logout(ctx: typer.Context) -> None:
+    """Revoke the stored login token and remove its file."""
+    from controller.cli.identity import read_stored_login, user_for_token
+
+    stored = read_stored_login()
+    if stored is None:
+        _info(f"not logged in ({token_file()} does not exist)")
+        return
+
+    def revoke(session: Session) -> None:
+        match = user_for_token(session, stored.token)
+        if match is None:
+            return
+        user, row = match
+        assert user.id is not None and row.id is not None
+        accounts.revoke_api_token(
+            session, CliUser(name=user.name, role=Role(user.role)), user.id, row.id
+        )
+
+    _run(ctx, revoke)
+    stored.path.unlink(missing_ok=True)
+    _info(f"logged out {stored.user}: token revoked and {stored.path} removed")

@@ -1,38 +1,36 @@
 """``asicfleet controller pools|policy|exemptions …``: pool policy at the console.
 
 Four eyes needs to know *who* acts, and the console alone does not say: every change here is
-made as a named user (``--as NAME``) who proves it with their password (prompted, or one line
-on standard input with ``--password-stdin``), and the same role and four-eyes rules as the API
-apply. Reading needs no ``--as``. Errors are one line on stderr: exit 2 for bad input, 1 for a
+made as a named controller user (:mod:`controller.cli.identity`: ``--as NAME`` with their
+password, a stored login or ``ASICFLEET_TOKEN``), and the same role and four-eyes rules as the
+API apply. Reading needs no user. Errors are one line on stderr: exit 2 for bad input, 1 for a
 refused change.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from contract.policy import DevFeePolicy, EnforcementMode
 from controller import bundles, exemptions, pool_policy
 from controller.cli.context import fail
 from controller.cli.context import in_transaction as _run
 from controller.cli.context import validated as _validated
+from controller.cli.identity import AsOpt, StdinOpt, acting_user
 from controller.enrollment import parse_duration
 from controller.exemptions import ExemptionPublic, ExemptionRequest, ExemptionState
-from controller.models import Role, User, utcnow
+from controller.models import utcnow
 from controller.pool_policy import (
-    CliUser,
     PoolSetProposal,
     PoolSetPublic,
     SitePolicyPublic,
     SitePolicyUpdate,
 )
-from controller.security import verify_password
 from controller.sites import get_site
 
 T = TypeVar("T")
@@ -47,14 +45,6 @@ exemptions_app = typer.Typer(
     help="Time-boxed exemptions of machines from pool enforcement.", no_args_is_help=True
 )
 
-AsOpt = Annotated[
-    str,
-    typer.Option("--as", metavar="USER", help="Act as this user (their password is asked for)."),
-]
-StdinOpt = Annotated[
-    bool,
-    typer.Option("--password-stdin", help="Read the user's password from standard input."),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 SiteArg = Annotated[str, typer.Argument(metavar="SITE", help="Site name.")]
 
@@ -68,34 +58,6 @@ def register(app: typer.Typer) -> None:
 
 
 # --- shared -------------------------------------------------------------------------------------
-
-
-def _password(from_stdin: bool) -> str:
-    if from_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-        if not password:
-            fail("no password on standard input", code=2)
-        return password
-    if not sys.stdin.isatty():
-        fail("give --password-stdin and pipe the password in", code=2)
-    entered: str = typer.prompt("Password", hide_input=True)
-    return entered
-
-
-def _person(ctx: typer.Context, name: str, from_stdin: bool) -> CliUser:
-    """The user named by ``--as``, after checking their password (never trusted blindly)."""
-    password = _password(from_stdin)
-
-    def check(session: Session) -> CliUser | None:
-        user = session.exec(select(User).where(User.name == name)).first()
-        if user is None or user.disabled or not verify_password(user.password_hash, password):
-            return None
-        return CliUser(name=user.name, role=Role(user.role))
-
-    person = _run(ctx, check)
-    if person is None:
-        fail(f"--as {name}: invalid user name or password")
-    return person
 
 
 def _echo_json(value: Any) -> None:
@@ -161,7 +123,6 @@ def pools_propose(
         list[str], typer.Option("--url", help="Stratum URL; repeat for slots 1-3 in order.")
     ],
     account: Annotated[str, typer.Option(help="Account or sub-account at the pool.")],
-    as_user: AsOpt = "",
     pool_password: Annotated[str, typer.Option(help="Stratum password.")] = "x",
     devfee: Annotated[
         DevFeePolicy, typer.Option(help="A firmware fee pool: allow, or forbid.")
@@ -170,6 +131,7 @@ def pools_propose(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would change; store nothing.")
     ] = False,
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -193,9 +155,13 @@ def pools_propose(
         else:
             _print_preview(view)
         return
-    if not as_user:
-        fail("say who proposes with --as USER", code=2)
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/sites/{name}/pool-sets"),
+        doing="proposing a pool set",
+    )
     row = _run(ctx, lambda s: PoolSetPublic.of(pool_policy.propose(s, actor, site, proposal), site))
     if as_json:
         typer.echo(row.model_dump_json(indent=2))
@@ -264,12 +230,18 @@ def pools_approve(
     ctx: typer.Context,
     site: SiteArg,
     version: Annotated[int, typer.Argument(help="The proposed revision.")],
-    as_user: AsOpt,
     reason: Annotated[str, typer.Option(help="Note kept with the decision.")] = "",
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Approve a proposal: a compliance user who did not propose it."""
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/sites/{name}/pool-sets/{version}/approve"),
+        doing="approving a pool set",
+    )
     _run(ctx, lambda s: pool_policy.approve(s, actor, site, version, reason))
     typer.echo(f"approved {site}/v{version}: agents get it with their next policy pull")
 
@@ -279,12 +251,18 @@ def pools_reject(
     ctx: typer.Context,
     site: SiteArg,
     version: Annotated[int, typer.Argument(help="The proposed revision.")],
-    as_user: AsOpt,
     reason: Annotated[str, typer.Option(help="Why (required).")],
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Reject a proposal (compliance, not the proposer), or withdraw your own."""
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/sites/{name}/pool-sets/{version}/reject"),
+        doing="rejecting a pool set",
+    )
     row = _run(
         ctx, lambda s: PoolSetPublic.of(pool_policy.reject(s, actor, site, version, reason), site)
     )
@@ -328,7 +306,6 @@ def _print_policy(view: SitePolicyPublic) -> None:
 def policy_set(
     ctx: typer.Context,
     site: SiteArg,
-    as_user: AsOpt,
     mode: Annotated[EnforcementMode | None, typer.Option(help="observe or enforce.")] = None,
     worker_template: Annotated[
         str | None, typer.Option(help="e.g. '{account}.{machine_id}'.")
@@ -347,6 +324,7 @@ def policy_set(
     writes_per_segment: Annotated[
         int | None, typer.Option(help="Concurrent writes per segment.")
     ] = None,
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Change the site's enforcement settings (operators, admin)."""
@@ -362,7 +340,13 @@ def policy_set(
     )
     if not changes.model_dump(exclude_none=True):
         fail("nothing to change: give at least one setting", code=2)
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("PATCH", "/sites/{name}/policy"),
+        doing="changing a site's policy",
+    )
     view = _run(ctx, lambda s: pool_policy.update_policy(s, actor, site, changes))
     _print_policy(view)
 
@@ -415,15 +399,21 @@ def exemptions_request(
     machine: Annotated[str, typer.Argument(metavar="MACHINE", help="machine_id, MAC or IP")],
     reason: Annotated[str, typer.Option(help="Why the machine may run off policy.")],
     until: Annotated[str, typer.Option(help="End: a duration (7d) or a time (ISO, UTC).")],
-    as_user: AsOpt,
     starts: Annotated[str | None, typer.Option(help="Start (default now).")] = None,
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Ask for an exemption of at most 30 days; a compliance user must approve it."""
     ends_at = _moment(until, "--until")
     starts_at = _moment(starts, "--starts") if starts else None
     req = _validated(lambda: ExemptionRequest(reason=reason, ends_at=ends_at, starts_at=starts_at))
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/machines/{machine_id}/exemptions"),
+        doing="requesting an exemption",
+    )
     view = _run(ctx, lambda s: exemptions.request(s, actor, machine, req))
     typer.echo(
         f"exemption #{view.id} for {view.machine_id} requested until {_when(view.ends_at)} UTC; "
@@ -435,11 +425,17 @@ def exemptions_request(
 def exemptions_approve(
     ctx: typer.Context,
     exemption_id: Annotated[int, typer.Argument(metavar="ID")],
-    as_user: AsOpt,
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Approve an exemption: a compliance user who did not request it."""
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/machines/{machine_id}/exemptions/{exemption_id}/approve"),
+        doing="approving an exemption",
+    )
     view = _run(ctx, lambda s: exemptions.approve(s, actor, exemption_id))
     typer.echo(f"exemption #{view.id} for {view.machine_id} is {view.state.value}")
 
@@ -448,12 +444,18 @@ def exemptions_approve(
 def exemptions_revoke(
     ctx: typer.Context,
     exemption_id: Annotated[int, typer.Argument(metavar="ID")],
-    as_user: AsOpt,
     reason: Annotated[str, typer.Option(help="Why (required).")],
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """End an exemption now, or cancel a pending one."""
-    actor = _person(ctx, as_user, password_stdin)
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/machines/{machine_id}/exemptions/{exemption_id}/revoke"),
+        doing="revoking an exemption",
+    )
     view = _run(ctx, lambda s: exemptions.revoke(s, actor, exemption_id, reason))
     typer.echo(f"exemption #{view.id} for {view.machine_id} revoked")
 
@@ -478,22 +480,24 @@ def exemptions_list(
 
 # --- alerts -------------------------------------------------------------------------------------
 
-ALERT_RESOLVERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.COMPLIANCE})
-
 
 def resolve_alert_command(
     ctx: typer.Context,
     alert_id: Annotated[int, typer.Argument(metavar="ALERT_ID", help="From `alerts`.")],
-    as_user: AsOpt,
     reason: Annotated[str, typer.Option(help="What was done about it (required).")],
+    as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Mark an alert dealt with (operator or compliance); audited with the reason."""
     from controller.alerts import ResolveRequest, resolve_alert
 
     request = _validated(lambda: ResolveRequest(reason=reason))
-    actor = _person(ctx, as_user, password_stdin)
-    if actor.role not in ALERT_RESOLVERS:
-        fail(f"--as {actor.name}: resolving alerts needs the operator or compliance role")
+    actor = acting_user(
+        ctx,
+        as_user,
+        password_stdin,
+        route=("POST", "/alerts/{alert_id}/resolve"),
+        doing="resolving an alert",
+    )
     _run(ctx, lambda s: resolve_alert(s, actor, alert_id, request.reason))
     typer.echo(f"alert {alert_id} resolved")

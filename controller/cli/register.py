@@ -1,7 +1,8 @@
 """``asicfleet controller machines …``: the register from the console.
 
-Changes are audited as ``cli:<os user>``. Errors are one line on stderr with a non-zero exit;
-``import-claims`` prints a result per row and imports nothing when any row is bad.
+Changes act as a named controller user (:mod:`controller.cli.identity`). Errors are one line
+on stderr with a non-zero exit; ``import-claims`` prints a result per row and imports
+nothing when any row is bad.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import typer
 from rich.table import Table
 
 from controller import register as reg
-from controller.actors import cli_actor
 from controller.cli.context import fail
 from controller.cli.context import transaction as _session
 from controller.cli.context import validated as _validated
 from controller.cli.context import wide_console as _console
+from controller.cli.identity import AsOpt, StdinOpt, acting_user
 from controller.models import LifecycleState
 from controller.register import (
     ClaimRequest,
@@ -169,6 +170,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Accept a label serial that differs from the reported one."),
         ] = None,
         as_json: JsonOpt = False,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """Claim a discovered machine onto the register."""
         request = _validated(
@@ -182,8 +185,15 @@ def register(app: typer.Typer) -> None:
                 override_reason=override_reason,
             )
         )
+        actor = acting_user(
+            ctx,
+            as_user,
+            password_stdin,
+            route=("POST", "/machines/{machine_id}/claim"),
+            doing="claiming a machine",
+        )
         with _session(ctx) as session:
-            detail = reg.claim(session, cli_actor(), machine, request)
+            detail = reg.claim(session, actor, machine, request)
         if as_json:
             typer.echo(detail.model_dump_json(indent=2))
             return
@@ -203,6 +213,8 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--dry-run", help="Check the file; import nothing.")
         ] = False,
         as_json: JsonOpt = False,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """Claim many machines from a CSV: every row, or none if any row is bad."""
         try:
@@ -213,10 +225,15 @@ def register(app: typer.Typer) -> None:
             fail(f"{file}: not UTF-8 text (byte {exc.start})")
         except OSError as exc:
             fail(f"{file}: {exc.strerror}")
+        actor = acting_user(
+            ctx,
+            as_user,
+            password_stdin,
+            route=("POST", "/machines/import-claims"),
+            doing="importing claims",
+        )
         with _session(ctx) as session:
-            result = reg.import_claims(
-                session, cli_actor(), text, dry_run=dry_run, source_name=file.name
-            )
+            result = reg.import_claims(session, actor, text, dry_run=dry_run, source_name=file.name)
             if not result.ok or dry_run:
                 session.rollback()
         if as_json:
@@ -235,11 +252,20 @@ def register(app: typer.Typer) -> None:
         machine: Annotated[str, typer.Argument(metavar="ID", help="machine_id, MAC or IP")],
         to: Annotated[LifecycleState, typer.Argument(metavar="STATE")],
         reason: Annotated[str, typer.Option(help="Why (required for rma, decommissioned).")] = "",
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """Move a machine along its lifecycle."""
         request = _validated(lambda: StateChangeRequest(state=to, reason=reason))
+        actor = acting_user(
+            ctx,
+            as_user,
+            password_stdin,
+            route=("POST", "/machines/{machine_id}/state"),
+            doing="changing a machine's state",
+        )
         with _session(ctx) as session:
-            detail = reg.change_state(session, cli_actor(), machine, request)
+            detail = reg.change_state(session, actor, machine, request)
         typer.echo(f"{detail.machine_id} is now {detail.lifecycle_state.value}")
 
     @machines.command("confirm-serial")
@@ -248,11 +274,20 @@ def register(app: typer.Typer) -> None:
         machine: Annotated[str, typer.Argument(metavar="ID", help="machine_id, MAC or IP")],
         serial: Annotated[str, typer.Option(help="Serial read from the chassis label.")],
         override_reason: Annotated[str | None, typer.Option()] = None,
+        as_user: AsOpt = "",
+        password_stdin: StdinOpt = False,
     ) -> None:
         """Confirm the serial of a machine whose serial the agent could not read."""
         request = _validated(
             lambda: ConfirmSerialRequest(serial=serial, override_reason=override_reason)
         )
+        actor = acting_user(
+            ctx,
+            as_user,
+            password_stdin,
+            route=("POST", "/machines/{machine_id}/confirm-serial"),
+            doing="confirming a serial",
+        )
         with _session(ctx) as session:
-            detail = reg.confirm_serial(session, cli_actor(), machine, request)
+            detail = reg.confirm_serial(session, actor, machine, request)
         typer.echo(f"{detail.machine_id}: serial {detail.label_serial} confirmed")

@@ -205,20 +205,55 @@ def test_a_group_writable_config_pinning_the_key_is_refused(tmp_path: Path) -> N
 
 def test_enroll_errors_are_one_line(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 20 + "\n")
     bad_url = invoke(
-        "enroll", "--controller", "ftp://x", "--token", "t" * 20, "--config", str(config)
-    )
-    assert bad_url.exit_code == 2 and "--controller" in one_line_error(bad_url)
-    unreachable = invoke(
         "enroll",
         "--controller",
-        f"http://127.0.0.1:{free_port()}",
-        "--token",
-        "t" * 20,
+        "ftp://x",
+        "--token-file",
+        str(token_file),
         "--config",
         str(config),
     )
+    assert bad_url.exit_code == 2 and "--controller" in one_line_error(bad_url)
+    unreachable = CliRunner().invoke(
+        app,
+        ["agent", "enroll", "--controller", f"http://127.0.0.1:{free_port()}", "--token-stdin",
+         "--config", str(config)],
+        input="t" * 20 + "\n",
+    )  # fmt: skip
     assert "cannot reach" in one_line_error(unreachable)
+    assert not config.exists()
+
+
+def test_enroll_takes_the_token_from_stdin_or_a_file_not_the_process_list(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "agent.toml"
+    base = ["enroll", "--controller", f"http://127.0.0.1:{free_port()}", "--config", str(config)]
+    none = invoke(*base)
+    assert none.exit_code == 2
+    assert "one of --token-stdin (piped in) or --token-file" in one_line_error(none)
+    token_file = tmp_path / "token"
+    token_file.write_text("t" * 20)
+    both = CliRunner().invoke(
+        app, ["agent", *base, "--token-stdin", "--token-file", str(token_file)], input="x\n"
+    )
+    assert both.exit_code == 2 and "not --token-stdin and --token-file" in one_line_error(both)
+    empty = CliRunner().invoke(app, ["agent", *base, "--token-stdin"], input="")
+    assert empty.exit_code == 2
+    assert (
+        one_line_error(empty)
+        == "error: standard input: expected the token on one line, found 0 lines"
+    )
+    missing = invoke(*base, "--token-file", str(tmp_path / "nope"))
+    assert "--token-file" in one_line_error(missing) and "No such file" in missing.output
+    # the flag still works, but says plainly that the process list shows it
+    flag = invoke(*base, "--token", "t" * 20)
+    lines = flag.stderr.strip().splitlines()
+    assert lines[0].startswith("warning: --token is visible to every user of this host")
+    assert "cannot reach" in lines[1] and len(lines) == 2
     assert not config.exists()
 
 

@@ -226,9 +226,21 @@ def test_enrolled_agent_fills_the_register_and_loses_nothing(tmp_path: Path) -> 
             controller.cli(
                 "user", "add", ADMIN, "--role", "admin", "--password-stdin", stdin=PASSWORD + "\n"
             )
-            controller.cli("site", "add", "e2e", "--licence", "KZ-E2E-1")
+            as_admin = ["--as", ADMIN, "--password-stdin"]
+            controller.cli(
+                "site", "add", "e2e", "--licence", "KZ-E2E-1", *as_admin, stdin=PASSWORD + "\n"
+            )
             token = (
-                controller.cli("agent", "token", "--site", "e2e", "--segment", subnet)
+                controller.cli(
+                    "agent",
+                    "token",
+                    "--site",
+                    "e2e",
+                    "--segment",
+                    subnet,
+                    *as_admin,
+                    stdin=PASSWORD + "\n",
+                )
                 .strip()
                 .splitlines()[-1]
             )
@@ -245,13 +257,13 @@ def test_enrolled_agent_fills_the_register_and_loses_nothing(tmp_path: Path) -> 
                     "enroll",
                     "--controller",
                     controller.url,
-                    "--token",
-                    token,
+                    "--token-stdin",
                     "--config",
                     str(config),
                     "--name",
                     "e2e-agent",
                 ),
+                input=token + "\n",
                 capture_output=True,
                 text=True,
                 timeout=120,

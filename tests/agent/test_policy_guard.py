@@ -144,6 +144,47 @@ def test_edited_stored_bundle_is_ignored(tmp_path: Path) -> None:
     assert guard(tmp_path).current is None
 
 
+def test_another_sites_stored_bundle_is_refused_on_load(tmp_path: Path) -> None:
+    """A bundle signed by the same controller for site kz-2, copied into a kz-1 agent's data
+    dir, was enforced before (issue 10): the signature is valid, only the site is wrong."""
+    other = tmp_path / "other"
+    other.mkdir()
+    guard(other, site="kz-2").accept(bundle(7, site="kz-2"))
+    (tmp_path / "policy.json").write_bytes((other / "policy.json").read_bytes())
+    mine = guard(tmp_path, site="kz-1")
+    assert mine.current is None
+    assert mine.stored_refusal == (
+        f"{tmp_path / 'policy.json'}: the stored policy version 7 is for site 'kz-2', this "
+        "agent serves 'kz-1' (copied from another agent?); ignoring it"
+    )
+    # its own site's bundle is used as before, and says nothing
+    mine.accept(bundle(8))
+    again = guard(tmp_path, site="kz-1")
+    assert again.current is not None and again.current.version == 8
+    assert again.stored_refusal is None
+
+
+def test_policy_show_names_why_the_stored_bundle_is_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from asicfleet.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    guard(data, site="kz-2").accept(bundle(7, site="kz-2"))
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'data_dir = "{data}"\nagent_id = "a1"\nsite = "kz-1"\nsegments = ["127.0.0.0/30"]\n'
+        f'[controller]\nurl = "http://127.0.0.1:9"\npublic_key = "{KEY.public_key_b64()}"\n'
+    )
+    result = CliRunner().invoke(app, ["agent", "policy", "show", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"error: no valid policy stored: {data / 'policy.json'}: the stored policy version 7 "
+        "is for site 'kz-2', this agent serves 'kz-1' (copied from another agent?); ignoring it"
+    )
+
+
 def test_bad_public_key_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="public_key"):
         PolicyGuard("not-base64!", tmp_path / "policy.json")

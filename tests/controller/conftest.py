@@ -176,15 +176,22 @@ CliInvoker = Callable[..., Result]
 
 
 @pytest.fixture
-def cli(database_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliInvoker]:
+def cli(
+    database_url: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[CliInvoker]:
     """``cli("machines", "list", "--json", input=...)`` runs ``asicfleet controller …`` in-process
-    against the test database (``--data-dir``/``--database-url`` are filled in)."""
+    against the test database (``--data-dir``/``--database-url`` are filled in).
+
+    ``cli(..., as_user=someone)`` acts as that :class:`TestUser` through ``ASICFLEET_TOKEN``; a
+    developer's own stored login (config dir) and token are never seen."""
     from asicfleet.cli import app
 
     monkeypatch.delenv("ASICFLEET_CONFIG", raising=False)
+    monkeypatch.delenv("ASICFLEET_TOKEN", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     runner = CliRunner()
 
-    def invoke(*args: str, input: str | None = None) -> Result:
+    def invoke(*args: str, input: str | None = None, as_user: TestUser | None = None) -> Result:
         argv = [
             "controller",
             "--data-dir",
@@ -193,6 +200,7 @@ def cli(database_url: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> I
             database_url,
             *args,
         ]
-        return runner.invoke(app, argv, input=input)
+        env = {"ASICFLEET_TOKEN": as_user.token} if as_user is not None else None
+        return runner.invoke(app, argv, input=input, env=env)
 
     yield invoke

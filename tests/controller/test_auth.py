@@ -312,29 +312,69 @@ def test_passwords_are_argon2_and_never_audited(
 
 
 def test_cli_user_add_reads_the_password_from_stdin(
-    cli: CliInvoker, app_client: TestClient, engine: Engine
+    cli: CliInvoker, app_client: TestClient, engine: Engine, make_user: UserFactory
 ) -> None:
+    not_admin = cli("user", "add", "root", "--role", "operator", "--password-stdin", input=PASSWORD)
+    assert not_admin.exit_code == 2
+    assert "the first user must be an admin" in not_admin.stderr
+    # the bootstrap: with no users yet, the OS account adds the first admin
     added = cli("user", "add", "root", "--role", "admin", "--password-stdin", input=PASSWORD + "\n")
     assert added.exit_code == 0, added.output
     assert PASSWORD not in added.output
     login(app_client, "root", PASSWORD)
+    entry = audit_entries(engine, "user.create")[0]
+    assert entry.actor == f"cli:{pwd.getpwuid(os.getuid()).pw_name}"  # not $USER
+    assert (entry.actor_kind, entry.source) == ("user", "cli")
 
-    again = cli("user", "add", "root", "--role", "operator", "--password-stdin", input=PASSWORD)
+    # afterwards the OS account is nobody: adding a user needs a named admin
+    anonymous = cli("user", "add", "kid", "--role", "operator", "--password-stdin", input=PASSWORD)
+    assert anonymous.exit_code == 2
+    assert anonymous.stderr.startswith("error: this command changes the controller")
+    assert len(anonymous.stderr.strip().splitlines()) == 1
+    boss = make_user(Role.ADMIN, name="boss")
+    olga = make_user(Role.OPERATOR, name="olga")
+    refused = cli(
+        "user", "add", "kid", "--role", "operator", "--password-stdin", input=PASSWORD, as_user=olga
+    )
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        "error: olga has the role operator; adding a user needs the role admin"
+    )
+
+    again = cli(
+        "user",
+        "add",
+        "root",
+        "--role",
+        "operator",
+        "--password-stdin",
+        input=PASSWORD,
+        as_user=boss,
+    )
     assert again.exit_code == 1
     assert again.stderr.strip() == "error: user 'root' already exists"
 
-    short = cli("user", "add", "kid", "--role", "operator", "--password-stdin", input="tiny\n")
+    short = cli(
+        "user", "add", "kid", "--role", "operator", "--password-stdin", input="tiny\n", as_user=boss
+    )
     assert short.exit_code == 1
     assert short.stderr.strip() == "error: password must be at least 10 characters"
 
-    empty = cli("user", "add", "kid", "--role", "operator", "--password-stdin", input="")
+    empty = cli(
+        "user", "add", "kid", "--role", "operator", "--password-stdin", input="", as_user=boss
+    )
     assert empty.exit_code == 1 and "no password" in empty.stderr
 
     role = cli("user", "add", "kid", "--role", "wizard", "--password-stdin", input=PASSWORD)
     assert role.exit_code == 2
 
-    entry = audit_entries(engine, "user.create")[0]
-    assert entry.actor == f"cli:{pwd.getpwuid(os.getuid()).pw_name}"  # not $USER
-    assert (entry.actor_kind, entry.source) == ("user", "cli")
+    kid = cli(
+        "user", "add", "kid", "--role", "technician", "--password-stdin", input=PASSWORD,
+        as_user=boss,
+    )  # fmt: skip
+    assert kid.exit_code == 0, kid.output
+    assert [(e.actor, e.source) for e in audit_entries(engine, "user.create")][1:] == [
+        ("boss", "cli")
+    ]
     listed = cli("user", "list")
     assert listed.exit_code == 0 and "root" in listed.stdout and "admin" in listed.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import getpass
 import ipaddress
 import json
 import os
@@ -428,30 +427,40 @@ def test_permission_rule() -> None:
 
 
 def test_cli_sites_segments_tokens_and_agents(
-    cli: CliInvoker, app_client: TestClient, engine: Engine
+    cli: CliInvoker, app_client: TestClient, engine: Engine, make_user: UserFactory
 ) -> None:
-    added = cli(
-        "site", "add", "ekibastuz-1", "--licence", "KZ-1", "--dmp-account", "acct", "--owner", "O"
+    nobody = cli("site", "add", "ekibastuz-1", "--licence", "KZ-1")
+    assert nobody.exit_code == 2 and "must say who acts" in nobody.stderr
+    tech = make_user(Role.TECHNICIAN, name="tom")
+    refused = cli("site", "add", "ekibastuz-1", "--licence", "KZ-1", as_user=tech)
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        "error: tom has the role technician; adding a site needs the role admin, operator"
     )
+    op = make_user(Role.OPERATOR, name="oleg")
+    added = cli(
+        "site", "add", "ekibastuz-1", "--licence", "KZ-1", "--dmp-account", "acct", "--owner", "O",
+        as_user=op,
+    )  # fmt: skip
     assert added.exit_code == 0, added.output
-    duplicate = cli("site", "add", "ekibastuz-1", "--licence", "KZ-1")
+    duplicate = cli("site", "add", "ekibastuz-1", "--licence", "KZ-1", as_user=op)
     assert duplicate.exit_code == 1
     assert duplicate.stderr.strip() == "error: site 'ekibastuz-1' already exists"
 
-    assert cli("site", "segment", "add", "ekibastuz-1", "10.20.1.0/24").exit_code == 0
-    overlap = cli("site", "segment", "add", "ekibastuz-1", "10.20.0.0/16")
+    assert cli("site", "segment", "add", "ekibastuz-1", "10.20.1.0/24", as_user=op).exit_code == 0
+    overlap = cli("site", "segment", "add", "ekibastuz-1", "10.20.0.0/16", as_user=op)
     assert overlap.exit_code == 1
     assert overlap.stderr.strip() == (
         "error: 10.20.0.0/16 overlaps segment 10.20.1.0/24 of this site"
     )
-    bad = cli("site", "segment", "add", "ekibastuz-1", "10.20.2.9/24")
+    bad = cli("site", "segment", "add", "ekibastuz-1", "10.20.2.9/24", as_user=op)
     assert bad.exit_code == 1 and "did you mean 10.20.2.0/24" in bad.stderr
-    nowhere = cli("site", "segment", "add", "nowhere", "10.40.0.0/24")
+    nowhere = cli("site", "segment", "add", "nowhere", "10.40.0.0/24", as_user=op)
     assert nowhere.exit_code == 1 and nowhere.stderr.strip() == "error: no site named 'nowhere'"
 
     made = cli(
         "agent", "token", "--site", "ekibastuz-1",
-        "--segment", "10.20.1.0/24", "--segment", "10.20.2.0/24", "--ttl", "1h",
+        "--segment", "10.20.1.0/24", "--segment", "10.20.2.0/24", "--ttl", "1h", as_user=op,
     )  # fmt: skip
     assert made.exit_code == 0, made.output
     token = made.stdout.strip()
@@ -461,7 +470,15 @@ def test_cli_sites_segments_tokens_and_agents(
         row = session.exec(select(EnrollmentToken)).one()
     assert timedelta(minutes=59) < row.expires_at - utcnow() <= timedelta(hours=1)
     bad_ttl = cli(
-        "agent", "token", "--site", "ekibastuz-1", "--segment", "10.20.1.0/24", "--ttl", "soon"
+        "agent",
+        "token",
+        "--site",
+        "ekibastuz-1",
+        "--segment",
+        "10.20.1.0/24",
+        "--ttl",
+        "soon",
+        as_user=op,
     )
     assert bad_ttl.exit_code == 2 and "not a duration" in bad_ttl.stderr
 
@@ -475,7 +492,7 @@ def test_cli_sites_segments_tokens_and_agents(
     as_json = json.loads(cli("agent", "list", "--json").stdout)
     assert as_json[0]["name"] == "container-7" and as_json[0]["last_seen_at"]
 
-    actor = f"cli:{getpass.getuser()}"
+    actor = "oleg"  # the named controller user, not the OS account
     for action in ("site.create", "segment.create", "enrollment_token.create"):
         entries = audit_entries(engine, action)
         assert entries and all(e.actor == actor and e.source == "cli" for e in entries), action

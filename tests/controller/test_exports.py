@@ -47,13 +47,14 @@ from controller.models import (
     ObservationSum,
     PoolSet,
     PoolSetStatus,
+    Role,
     Segment,
     Site,
     SitePolicy,
 )
 from controller.register import ClaimRequest, StateChangeRequest
 from controller.settings import Settings
-from tests.controller.conftest import CliInvoker
+from tests.controller.conftest import CliInvoker, TestUser, UserFactory
 
 
 def t(text: str) -> datetime:
@@ -447,6 +448,14 @@ def assert_in_pdf(text: str, rows: list[list[str]], widths_of: Any = None) -> No
                 assert squeeze(line) in flat, f"{line!r} not in the PDF"
 
 
+@pytest.fixture
+def officer(cli: CliInvoker, make_user: UserFactory, monkeypatch: pytest.MonkeyPatch) -> TestUser:
+    """A compliance officer whose personal token (ASICFLEET_TOKEN) the export commands act as."""
+    user = make_user(Role.COMPLIANCE, name="carla")
+    monkeypatch.setenv("ASICFLEET_TOKEN", user.token)
+    return user
+
+
 def export(cli: CliInvoker, *args: str) -> None:
     result = cli("export", *args)
     assert result.exit_code == 0, result.output
@@ -455,6 +464,7 @@ def export(cli: CliInvoker, *args: str) -> None:
 # --- the tests ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("officer")
 def test_register_as_of_two_dates(cli: CliInvoker, history: dict[str, str], tmp_path: Path) -> None:
     decimals = {20: 2, 21: 0, 22: 2, 23: 0, 24: 2}
     for as_of in (AS_OF_1, AS_OF_2):
@@ -491,6 +501,7 @@ def test_register_as_of_two_dates(cli: CliInvoker, history: dict[str, str], tmp_
         assert "export intact" in ok.output
 
 
+@pytest.mark.usefixtures("officer")
 def test_register_filters_and_russian(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
@@ -565,6 +576,7 @@ MEASURED = ["avg_hashrate_ths", "avg_power_w", "operating_hours"]
         ),
     ],
 )
+@pytest.mark.usefixtures("officer")
 def test_register_averages_for_periods_not_on_day_boundaries(
     cli: CliInvoker,
     history: dict[str, str],
@@ -651,6 +663,7 @@ def test_ingest_keeps_the_hour_and_day_sums_equal_to_the_raw_history(
     assert kept[(pks["SX-1"], 3600, day - 3600)] == (1, 1, 100.0, 1, 3000.0, 1)
 
 
+@pytest.mark.usefixtures("officer")
 def test_compliance_report_for_a_period(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
@@ -739,6 +752,7 @@ def fresh_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.usefixtures("officer")
 def test_tampering_fails_verification(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
@@ -835,6 +849,7 @@ def test_tampering_fails_verification(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.usefixtures("officer")
 def test_audit_log_export_is_verifiable(
     cli: CliInvoker, history: dict[str, str], tmp_path: Path
 ) -> None:
@@ -866,6 +881,7 @@ def test_audit_log_export_is_verifiable(
     assert bad.exit_code == 1 and "chain broken at entry 2: modified" in bad.output
 
 
+@pytest.mark.usefixtures("officer")
 def test_bad_requests_are_usage_errors(cli: CliInvoker, engine: Engine, tmp_path: Path) -> None:
     cases = [
         (["register", "--as-of", "yesterday", "--out", str(tmp_path / "a")], "not an ISO 8601 time"),
@@ -894,7 +910,6 @@ def test_bad_requests_are_usage_errors(cli: CliInvoker, engine: Engine, tmp_path
 def test_api_runs_exports_in_the_background_for_auditors_only(
     app_client: Any, make_user: Any, history: dict[str, str], tmp_path: Path
 ) -> None:
-    from controller.models import Role
 
     inspector = make_user(Role.INSPECTOR).headers
     body = {

@@ -506,7 +506,10 @@ def test_cli_propose_approve_and_refusals(
         "pools", "approve", "alpha", "1", "--as", "olga", "--password-stdin", input=pw
     )
     assert self_approve.exit_code == 1
-    assert "olga proposed this change and cannot decide on it" in self_approve.output
+    # the same role rule as the API's route: an operator never decides (four eyes aside)
+    assert self_approve.stderr.strip() == (
+        "error: olga has the role operator; approving a pool set needs the role admin, compliance"
+    )
 
     admin = cli("pools", "approve", "alpha", "1", "--as", "adam", "--password-stdin", input=pw)
     assert admin.exit_code == 1 and "compliance role" in admin.output

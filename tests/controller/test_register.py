@@ -6,7 +6,6 @@ made through the API or the CLI and checked in the database, including its audit
 
 from __future__ import annotations
 
-import getpass
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +37,7 @@ from controller.register import (
     parse_claims_csv,
     transition_problem,
 )
-from tests.controller.conftest import CliInvoker, TestUser, UserFactory
+from tests.controller.conftest import DEFAULT_PASSWORD, CliInvoker, TestUser, UserFactory
 
 S = LifecycleState
 API = "/api/v1/machines"
@@ -655,8 +654,11 @@ def test_bulk_claim_bad_uploads(
 # --- the CLI -----------------------------------------------------------------------------------
 
 
-def test_cli_list_show_claim(cli: CliInvoker, engine: Engine, farm: dict[str, Machine]) -> None:
+def test_cli_list_show_claim(
+    cli: CliInvoker, engine: Engine, farm: dict[str, Machine], make_user: UserFactory
+) -> None:
     m1, m2 = farm["m1"], farm["m2"]
+    tess = make_user(Role.TECHNICIAN, name="tess")
     listed = cli("machines", "list", "--json")
     assert listed.exit_code == 0, listed.output
     assert json.loads(listed.stdout)["count"] == 4
@@ -667,11 +669,24 @@ def test_cli_list_show_claim(cli: CliInvoker, engine: Engine, farm: dict[str, Ma
     assert unknown_site.exit_code == 1 and "no site named 'nowhere'" in unknown_site.stderr
 
     args = ["--site", "alpha", "--container", "C2", "--rack", "R4", "--shelf", "1", "--slot"]
-    refused = cli("machines", "claim", m1.machine_id, *args, "5", "--label-serial", "BAD")
+    nobody = cli("machines", "claim", m1.machine_id, *args, "5", "--label-serial", "SN0001")
+    assert nobody.exit_code == 2 and "must say who acts" in nobody.stderr
+    wrong = cli(
+        "machines", "claim", m1.machine_id, *args, "5", "--label-serial", "SN0001",
+        "--as", "tess", "--password-stdin", input="not her password\n",
+    )  # fmt: skip
+    assert wrong.exit_code == 1
+    assert wrong.stderr == "error: --as tess: invalid user name or password\n"
+    refused = cli(
+        "machines", "claim", m1.machine_id, *args, "5", "--label-serial", "BAD", as_user=tess
+    )
     assert refused.exit_code == 1
     assert "'BAD'" in refused.stderr and "'SN0001'" in refused.stderr
     assert "Traceback" not in refused.output
-    ok = cli("machines", "claim", m1.machine_id, *args, "5", "--label-serial", "SN0001")
+    ok = cli(
+        "machines", "claim", m1.machine_id, *args, "5", "--label-serial", "SN0001",
+        "--as", "tess", "--password-stdin", input=DEFAULT_PASSWORD + "\n",
+    )  # fmt: skip
     assert ok.exit_code == 0, ok.output
     assert f"claimed {m1.machine_id} at alpha/C2/R4/1/5" in ok.stdout
     override = cli(
@@ -684,42 +699,50 @@ def test_cli_list_show_claim(cli: CliInvoker, engine: Engine, farm: dict[str, Ma
         "OTHER",
         "--override-reason",
         "label reprinted",
+        as_user=tess,
     )
     assert override.exit_code == 0, override.output
     entries = audit_entries(engine, "machine.claim")
-    assert [e.actor for e in entries] == [f"cli:{getpass.getuser()}"] * 2
+    assert [e.actor for e in entries] == ["tess"] * 2
     assert {e.source for e in entries} == {"cli"}
     assert entries[1].reason == "label reprinted"
-    empty_slot = cli("machines", "claim", m2.machine_id, *args, " ", "--label-serial", "X")
+    empty_slot = cli(
+        "machines", "claim", m2.machine_id, *args, " ", "--label-serial", "X", as_user=tess
+    )
     assert empty_slot.exit_code == 2 and "slot" in empty_slot.stderr
 
     shown = cli("machines", "show", m1.machine_id, "--json")
     assert shown.exit_code == 0
     detail = json.loads(shown.stdout)
     assert detail["lifecycle_state"] == "registered"
-    assert detail["history"][0]["actor"] == f"cli:{getpass.getuser()}"
+    assert detail["history"][0]["actor"] == "tess"
     pretty = cli("machines", "show", "aa:bb:cc:00:00:01")
     assert pretty.exit_code == 0 and "lifecycle" in pretty.stdout
     missing = cli("machines", "show", "MNOPE00000")
     assert missing.exit_code == 1 and "no machine with machine MNOPE00000" in missing.stderr
 
-    moved = cli("machines", "state", m1.machine_id, "active")
+    moved = cli("machines", "state", m1.machine_id, "active", as_user=tess)
     assert moved.exit_code == 0 and "is now active" in moved.stdout
-    invalid = cli("machines", "state", m1.machine_id, "registered")
+    invalid = cli("machines", "state", m1.machine_id, "registered", as_user=tess)
     assert invalid.exit_code == 1 and "cannot go from active to registered" in invalid.stderr
-    no_reason = cli("machines", "state", m1.machine_id, "rma")
+    no_reason = cli("machines", "state", m1.machine_id, "rma", as_user=tess)
     assert no_reason.exit_code == 2 and "reason is required" in no_reason.stderr
 
 
 def test_cli_import_claims(
-    cli: CliInvoker, engine: Engine, farm: dict[str, Machine], tmp_path: Path
+    cli: CliInvoker,
+    engine: Engine,
+    farm: dict[str, Machine],
+    tmp_path: Path,
+    make_user: UserFactory,
 ) -> None:
+    oleg = make_user(Role.OPERATOR, name="oleg")
     bad = tmp_path / "bad.csv"
     bad.write_text(
         HEADER
         + "aa:bb:cc:00:00:01,,alpha,C1,R1,1,1,SN0001,\naa:bb:cc:00:00:02,,alpha,C1,R1,1,2,X,\n"
     )
-    result = cli("machines", "import-claims", str(bad))
+    result = cli("machines", "import-claims", str(bad), as_user=oleg)
     assert result.exit_code == 1
     assert "nothing imported: 1 bad row(s)" in result.stdout
     assert "differs from the reported serial" in result.stdout
@@ -730,21 +753,22 @@ def test_cli_import_claims(
     good.write_text(
         HEADER + "aa:bb:cc:00:00:01,,alpha,C1,R1,1,1,SN0001,\n,10.0.0.2,alpha,C1,R1,1,2,SN0002,\n"
     )
-    dry = cli("machines", "import-claims", str(good), "--dry-run")
+    dry = cli("machines", "import-claims", str(good), "--dry-run", as_user=oleg)
     assert dry.exit_code == 0 and "nothing imported" in dry.stdout
     assert audit_entries(engine) == []
-    result = cli("machines", "import-claims", str(good), "--json")
+    result = cli("machines", "import-claims", str(good), "--json", as_user=oleg)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["imported"] == 2
     assert len(audit_entries(engine, "machine.claim")) == 2
     (summary,) = audit_entries(engine, "machine.import_claims")
     assert summary.after is not None and summary.after["file"] == "good.csv"
+    assert {e.actor for e in audit_entries(engine)} == {"oleg"}
 
-    missing = cli("machines", "import-claims", str(tmp_path / "nope.csv"))
+    missing = cli("machines", "import-claims", str(tmp_path / "nope.csv"), as_user=oleg)
     assert missing.exit_code == 1 and "no such file" in missing.stderr
     header_only = tmp_path / "header.csv"
     header_only.write_text("mac,site\n")
-    result = cli("machines", "import-claims", str(header_only))
+    result = cli("machines", "import-claims", str(header_only), as_user=oleg)
     assert result.exit_code == 1 and "missing column(s)" in result.stderr
 
 

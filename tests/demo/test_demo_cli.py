@@ -62,8 +62,48 @@ def test_ctrl_c_stops_every_component_and_removes_the_data() -> None:
     rest, _ = process.communicate(timeout=90)
     assert process.returncode == 130, output + rest
     assert "stopping (Ctrl-C)" in rest and "Traceback" not in rest
+    assert f"removed the data directory {data_dir.group(1)}" in rest
     assert processes_mentioning(data_dir.group(1)) == []
     assert not Path(data_dir.group(1)).exists()
+
+
+def read_until(process: subprocess.Popen[str], lines: list[str], wanted: str) -> str:
+    """Read the demo's output until a line containing ``wanted`` (a deadline, not a sleep)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if wanted in line:
+            return line
+    raise AssertionError(f"no {wanted!r} within 120 s: {''.join(lines)}")
+
+
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_more_ctrl_c_during_the_shutdown_still_remove_the_data(when: str) -> None:
+    """Before: a second Ctrl-C while the demo waited for its components interrupted the
+    shutdown itself, leaving the data directory (logins.txt: every demo password) behind
+    without a word. Now further interrupts only hurry the shutdown."""
+    process = demo("--miners", "20", "--port", str(free_port()), "--poll-interval", "3")
+    lines: list[str] = []
+    found = re.search(r"data directory (\S+)", read_until(process, lines, "data directory"))
+    assert found is not None
+    data_dir = found.group(1)
+    read_until(process, lines, "users admin" if when == "starting" else "] machines")
+    assert (Path(data_dir) / "logins.txt").exists()
+
+    process.send_signal(signal.SIGINT)
+    read_until(process, lines, "stopping (Ctrl-C)")
+    for _ in range(3):  # the impatient user
+        process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=90)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "Traceback" not in output
+    assert f"removed the data directory {data_dir}" in rest, output
+    assert not Path(data_dir).exists()
+    assert processes_mentioning(data_dir) == []
 
 
 def test_a_busy_port_is_one_line_and_exit_1() -> None:
