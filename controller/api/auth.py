@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -12,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from controller import accounts
 from controller.api.deps import SessionDep
+from controller.api.limits import parse_json
 
 router = APIRouter(tags=["auth"])
 
@@ -43,9 +43,9 @@ async def login_body(request: Request) -> LoginRequest:
     elif content_type in ("application/json", ""):
         body = await request.body()
         try:
-            raw = json.loads(body) if body else None
-        except ValueError:
-            raise _invalid("body", "body is not valid JSON") from None
+            raw = parse_json(body) if body else None
+        except ValueError as exc:
+            raise _invalid("body", f"body is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise _invalid("body", 'expected a JSON object {"name": ..., "password": ...}')
     else:
