@@ -114,7 +114,9 @@ SUMS_REVISION = 2
 
 
 def _revision_number(revision: str | None) -> int:
-    return int(revision) if revision is not None and revision.isdigit() else 0
+    """``0003`` and ``0003_http_bounds`` are both revision 3 (helpers' revisions are named)."""
+    digits = revision.split("_", 1)[0] if revision is not None else ""
+    return int(digits) if digits.isdigit() else 0
 
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:

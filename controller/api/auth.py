@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from controller import accounts
-from controller.api.deps import SessionDep
+from controller import accounts, login_throttle
+from controller.api.deps import SessionDep, SettingsDep
 from controller.api.limits import parse_json
 
 router = APIRouter(tags=["auth"])
@@ -87,20 +87,36 @@ _LOGIN_SCHEMA = {
     "/auth/token",
     response_model=TokenResponse,
     openapi_extra=_LOGIN_SCHEMA,
-    responses={401: {"description": "invalid name or password"}},
+    responses={
+        401: {"description": "invalid name or password"},
+        429: {"description": "too many failed logins for this name or address; see Retry-After"},
+    },
 )
 def issue_token(
     credentials: Annotated[LoginRequest, Depends(login_body)],
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
 ) -> TokenResponse:
-    """A session token (expires after 12 h). A wrong name or password gets the same answer."""
+    """A session token (expires after 12 h). A wrong name or password gets the same answer;
+    too many of them lock the name, or the address, out for a while (429)."""
     source = request.client.host if request.client else ""
     try:
-        issued = accounts.login(
-            session, name=credentials.name, password=credentials.password, source=source
+        issued = login_throttle.login(
+            session,
+            login_throttle.ThrottlePolicy.of(settings),
+            name=credentials.name,
+            password=credentials.password,
+            source=source,
         )
+    except login_throttle.LoginThrottled as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=str(exc),
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
     except accounts.LoginFailed as exc:
+        session.commit()  # the failure counts towards a lockout
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from None
