@@ -53,8 +53,32 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=too_large_detail(limit))
 
 
+class NulInBody(HTTPException):
+    """Raised from ``receive`` when a body carries a NUL, which no text column can hold
+    (PostgreSQL refuses it: a 500 deep inside whatever stored it)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=422, detail=NUL_DETAIL)
+
+
+NUL_DETAIL = "text may not contain NUL characters (\\u0000 or a zero byte)"
+# Agents' own routes judge their items one by one (a bad serial refuses that item, not the
+# batch): ingestion cleans and records such values itself.
+AGENT_ROUTES = ("/api/v1/agent/", "/api/v1/agents/enroll")
+_NULS = (b"\\u0000", b"\x00")
+
+
+def url_problem(scope: Scope) -> str | None:
+    """Why the path or query cannot be taken (a NUL), or None."""
+    query: bytes = scope.get("query_string", b"")
+    if "\x00" in scope["path"] or b"\x00" in query or b"%00" in query:
+        return "a URL may not contain NUL characters (%00)"
+    return None
+
+
 class BodyLimitMiddleware:
-    """Count the bytes of ``http.request`` messages and answer 413 past the route's limit."""
+    """Count the bytes of ``http.request`` messages and answer 413 past the route's limit;
+    refuse NULs in the URL and (but on agents' routes) in the body."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -69,16 +93,27 @@ class BodyLimitMiddleware:
         if declared.isdigit() and int(declared) > limit:
             await _refuse(limit, scope, receive, send)
             return
+        if problem := url_problem(scope):
+            await JSONResponse({"detail": problem}, status_code=400)(scope, receive, send)
+            return
+        check_nul = not scope["path"].startswith(AGENT_ROUTES)
         received = 0
+        tail = b""  # the end of the previous chunk, for a NUL escape split across two
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, tail
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk: bytes = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if check_nul:
+                    window = tail + chunk
+                    if any(nul in window for nul in _NULS):
+                        raise NulInBody()
+                    tail = window[-5:]
             return message
 
         async def watched_send(message: Message) -> None:
@@ -93,6 +128,10 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await _refuse(limit, scope, receive, send)
+        except NulInBody:
+            if started:
+                raise
+            await JSONResponse({"detail": NUL_DETAIL}, status_code=422)(scope, receive, send)
 
 
 async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from controller.api.limits import LOGIN_MAX_BYTES, MAX_JSON_DEPTH
+from controller.api.limits import LOGIN_MAX_BYTES, MAX_JSON_DEPTH, NUL_DETAIL
 from tests.controller import test_platform
 from tests.controller.conftest import TestUser, UserFactory
 
@@ -123,6 +123,7 @@ def test_many_errors_are_capped(app_client: TestClient, admin: TestUser) -> None
         ("POST", "/alerts/{n}/resolve"),
         ("DELETE", "/users/me/tokens/{n}"),
         ("GET", "/audit?cursor={n}"),
+        ("GET", "/machines?skip={n}"),
         ("GET", "/sites/s/policy/preview?version={n}"),
         ("POST", "/sites/s/pool-sets/{n}/approve"),
         ("POST", "/machines/m/exemptions/{n}/approve"),
@@ -180,3 +181,27 @@ def test_far_apart_period_ends_are_a_422(
         response = app_client.get(f"{API}{path}?{query}", headers=admin.headers)
         assert response.status_code == 422, response.text
         assert "2000-01-01 and 3000-01-01" in response.text or "out of range" in response.text
+
+
+def test_nul_characters_are_refused_at_the_door(app_client: TestClient, admin: TestUser) -> None:
+    # On PostgreSQL these reached a text column or a comparison with one: a 500.
+    query = app_client.get(f"{API}/audit?actor=ad%00min", headers=admin.headers)
+    assert query.status_code == 400
+    assert query.json() == {"detail": "a URL may not contain NUL characters (%00)"}
+    path = app_client.get(f"{API}/machines/M%00X", headers=admin.headers)
+    assert path.status_code == 400
+    site = {"name": "nul-site", "licence_number": "KZ\u00001"}
+    body = app_client.post(f"{API}/sites", json=site, headers=admin.headers)
+    assert body.status_code == 422
+    assert body.json() == {"detail": NUL_DETAIL}
+    # Split across two chunks of a chunked body, the escape is still seen.
+    split = app_client.post(
+        f"{API}/sites",
+        content=iter([b'{"name": "nul-site", "licence_number": "KZ\\u00', b'001"}']),
+        headers={"content-type": "application/json", **admin.headers},
+    )
+    assert split.status_code == 422 and split.json() == {"detail": NUL_DETAIL}
+    assert app_client.get(f"{API}/sites/nul-site", headers=admin.headers).status_code == 404
+    # A plain site is still welcome.
+    site["licence_number"] = "KZ-1"
+    assert app_client.post(f"{API}/sites", json=site, headers=admin.headers).status_code == 201
