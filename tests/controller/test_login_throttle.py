@@ -6,8 +6,10 @@ Before: 60 wrong passwords in 14 s, then the right one worked. Runs on SQLite an
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -183,3 +185,27 @@ def test_counting_restarts_after_a_lockout_and_old_failures_expire(
         kept = session.exec(select(LoginFailure)).all()
     assert kept and all(f.name_key != "tim" for f in kept)  # only a digest of the name
     assert len(_lockouts(engine)) == 2
+
+
+def test_parallel_failures_start_one_lockout(engine: Engine) -> None:
+    """Requests on several replicas reach the limit together: one lockout, audited once."""
+    policy = ThrottlePolicy(max_per_user=3, max_per_address=1000)
+    now = utcnow()
+    with Session(engine) as session:
+        for _ in range(2):
+            login_throttle.record_failure(session, policy, "pat", "10.0.0.7", now)
+        session.commit()
+    start = threading.Barrier(8)
+
+    def fail(_: int) -> list[str]:
+        with Session(engine) as session:
+            start.wait(timeout=30)
+            locked = login_throttle.record_failure(session, policy, "pat", "10.0.0.7", now)
+            session.commit()
+            return locked
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(fail, range(8)))
+    assert sorted(results) == [[]] * 7 + [["user"]]
+    [entry] = _lockouts(engine)
+    assert entry.entity_id == "pat"
