@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 from enum import StrEnum
 from ipaddress import IPv4Address
-from typing import Any
 
 from pydantic import Field
 
-from contract._base import AwareDatetime, Message, WireModel
+from contract._base import AwareDatetime, Message, ShallowDict, WireModel
 
 MAX_BATCH_ITEMS = 5_000
 
@@ -73,7 +72,7 @@ class Event(WireModel):
     severity: EventSeverity = EventSeverity.INFO
     ip: IPv4Address | None = None
     detail: str = Field(default="", max_length=4096)
-    data: dict[str, Any] = Field(
+    data: ShallowDict = Field(
         default_factory=dict, description="structured facts (1.1), e.g. an enforcement incident"
     )
 

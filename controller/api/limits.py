@@ -21,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contract._base import nesting_problem
 from controller.settings import Settings
 
 LOGIN_PATH = "/api/v1/auth/token"
@@ -145,28 +146,14 @@ async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> Non
 # --- JSON --------------------------------------------------------------------------------------
 
 
-def json_depth_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
-    """Why ``value`` (parsed JSON) nests too deeply, or None; iterative, so it cannot recurse."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return f"JSON nested deeper than {limit} levels"
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return None
-
-
 def parse_json(body: bytes, limit: int = MAX_JSON_DEPTH) -> Any:
     """Parse a request body; ValueError for bad JSON or nesting past ``limit``."""
     try:
         value = json.loads(body)
     except RecursionError:  # nesting deep enough to exhaust the parser's stack
         raise ValueError(f"JSON nested deeper than {limit} levels") from None
-    problem = json_depth_problem(value, limit)
-    if problem:
-        raise ValueError(problem)
+    if problem := nesting_problem(value, limit):
+        raise ValueError(f"JSON {problem}")
     return value
 
 

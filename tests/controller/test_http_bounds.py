@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
 
 from controller.api.limits import LOGIN_MAX_BYTES, MAX_JSON_DEPTH, NUL_DETAIL
 from tests.controller import test_platform
@@ -205,3 +209,30 @@ def test_nul_characters_are_refused_at_the_door(app_client: TestClient, admin: T
     # A plain site is still welcome.
     site["licence_number"] = "KZ-1"
     assert app_client.post(f"{API}/sites", json=site, headers=admin.headers).status_code == 201
+
+
+def test_an_agent_cannot_store_deeply_nested_event_data(
+    app_client: TestClient, engine: Engine, admin: TestUser
+) -> None:
+    # 500 levels of event data were accepted, and then every GET /alerts was a 500.
+    secret = test_platform._populate(engine)
+    now = datetime.now(UTC).isoformat()
+
+    def batch(depth: int) -> dict[str, Any]:
+        data: dict[str, Any] = {"leaf": 1}
+        for _ in range(depth - 1):
+            data = {"a": data}
+        event = {"kind": "x", "at": now, "severity": "critical", "data": data}
+        return {"batch_id": str(uuid.uuid4()), "agent_clock": now, "sequence": depth,
+                "events": [event]}  # fmt: skip
+
+    agent = {"Authorization": f"Bearer {secret}"}
+    deep = app_client.post(f"{API}/agent/reports", json=batch(500), headers=agent)
+    assert deep.status_code == 422
+    assert deep.json()["detail"][0]["loc"] == ["body", "events", 0, "data"]
+    assert "nested deeper than 16 levels" in deep.text
+    assert app_client.get(f"{API}/alerts", headers=admin.headers).status_code == 200
+    ok = app_client.post(f"{API}/agent/reports", json=batch(16), headers=agent)
+    assert ok.status_code == 200, ok.text
+    alerts = app_client.get(f"{API}/alerts", headers=admin.headers)
+    assert alerts.status_code == 200 and any(a["kind"] == "x" for a in alerts.json())
