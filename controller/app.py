@@ -27,7 +27,7 @@ from controller.api import (
     sites,
     users,
 )
-from controller.api.limits import BodyLimitMiddleware, validation_error_handler
+from controller.api.limits import RequestBoundsMiddleware, validation_error_handler
 from controller.db import engine_for
 from controller.errors import Conflict, ControllerError, NotFound, Refused
 from controller.settings import Settings
@@ -84,7 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine if engine is not None else engine_for(settings)
 
     # Outermost of ours: counts body bytes on the stream, before anything reads or authenticates.
-    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestBoundsMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(ControllerError)

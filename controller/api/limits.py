@@ -1,4 +1,4 @@
-"""Bounds on what a request may send: body size on the stream, JSON nesting, 422 size.
+"""Bounds on what a request may send: body size on the stream, NULs, JSON nesting, 422 size.
 
 The body limit is a pure ASGI middleware so it sees every ``http.request`` message, chunked or
 not, and stops reading at the limit: FastAPI reads the body before it resolves the
@@ -77,7 +77,7 @@ def url_problem(scope: Scope) -> str | None:
     return None
 
 
-class BodyLimitMiddleware:
+class RequestBoundsMiddleware:
     """Count the bytes of ``http.request`` messages and answer 413 past the route's limit;
     refuse NULs in the URL and (but on agents' routes) in the body."""
 
