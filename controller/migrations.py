@@ -194,7 +194,7 @@ def differences(engine: Engine) -> list[Any]:
 def next_revision_id() -> str:
     """Revisions are numbered ``0001``, ``0002`` … so the versions folder reads in order."""
     script = ScriptDirectory.from_config(alembic_config())
-    numbers = [int(s.revision) for s in script.walk_revisions() if s.revision.isdigit()]
+    numbers = [_revision_number(s.revision) for s in script.walk_revisions()]
     return f"{max(numbers, default=0) + 1:04d}"
 
 

@@ -160,7 +160,8 @@ def test_revisions_render_without_model_imports() -> None:
         source = path.read_text()
         assert "controller" not in source, path.name
         assert "UTCDateTime" not in source, path.name
-    assert migrations.next_revision_id() == f"{int(migrations.head()) + 1:04d}"
+    head_number = int(migrations.head().split("_", 1)[0])  # 0003 or 0003_<helper>
+    assert migrations.next_revision_id() == f"{head_number + 1:04d}"
 
 
 def test_package_data_ships_the_migrations() -> None:
