@@ -11,6 +11,7 @@ from pydantic import Field
 from contract._base import AwareDatetime, Message, ShallowDict, WireModel
 
 MAX_BATCH_ITEMS = 5_000
+MAX_SEQUENCE = 2**31 - 1  # what the controller's INTEGER column holds (a batch per second: 68 y)
 
 
 class PoolReading(WireModel):
@@ -82,7 +83,7 @@ class ReportBatch(Message):
 
     batch_id: uuid.UUID
     agent_clock: AwareDatetime = Field(description="the agent's clock when it sealed the batch")
-    sequence: int = Field(ge=0, description="per-agent, increasing; replay order")
+    sequence: int = Field(ge=0, le=MAX_SEQUENCE, description="per-agent, increasing; replay order")
     observations: list[Observation] = Field(default_factory=list, max_length=MAX_BATCH_ITEMS)
     identities: list[IdentityRecord] = Field(default_factory=list, max_length=MAX_BATCH_ITEMS)
     events: list[Event] = Field(default_factory=list, max_length=MAX_BATCH_ITEMS)

@@ -236,3 +236,17 @@ def test_an_agent_cannot_store_deeply_nested_event_data(
     assert ok.status_code == 200, ok.text
     alerts = app_client.get(f"{API}/alerts", headers=admin.headers)
     assert alerts.status_code == 200 and any(a["kind"] == "x" for a in alerts.json())
+
+
+def test_a_batch_sequence_past_the_column_is_a_422(app_client: TestClient, engine: Engine) -> None:
+    # 2**31 was a 500 on PostgreSQL (INTEGER column), 2**63 on SQLite too.
+    secret = test_platform._populate(engine)
+    agent = {"Authorization": f"Bearer {secret}"}
+    now = datetime.now(UTC).isoformat()
+    for sequence in (2**31, 2**63, 2**70):
+        batch = {"batch_id": str(uuid.uuid4()), "agent_clock": now, "sequence": sequence}
+        response = app_client.post(f"{API}/agent/reports", json=batch, headers=agent)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "sequence"]
+    batch = {"batch_id": str(uuid.uuid4()), "agent_clock": now, "sequence": 2**31 - 1}
+    assert app_client.post(f"{API}/agent/reports", json=batch, headers=agent).status_code == 200
