@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -18,6 +18,31 @@ def _aware(value: datetime) -> datetime:
 
 
 AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
+
+MAX_NESTING = 16  # free-form facts (event data) never need more; 500 levels broke every reader
+
+
+def nesting_problem(value: Any, limit: int) -> str | None:
+    """Why ``value`` (parsed JSON) nests deeper than ``limit``, or None; iterative, so it cannot
+    recurse itself."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return f"nested deeper than {limit} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _shallow(value: dict[str, Any]) -> dict[str, Any]:
+    if problem := nesting_problem(value, MAX_NESTING):
+        raise ValueError(problem)
+    return value
+
+
+ShallowDict = Annotated[dict[str, Any], AfterValidator(_shallow)]
 Version = Annotated[str, AfterValidator(check_version)]
 
 

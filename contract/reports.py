@@ -23,7 +23,7 @@ from contract._base import AwareDatetime, Message, WireModel
 from contract.text import BAD_TEXT, clean_data, clean_text, needs_cleaning
 
 MAX_BATCH_ITEMS = 5_000
-MAX_SEQUENCE = 2**63 - 1  # a 64-bit column on both databases
+MAX_SEQUENCE = 2**31 - 1  # what the controller's INTEGER column holds (a batch per second: 68 y)
 MAX_CLEANED_NOTES = 64
 
 

@@ -207,7 +207,10 @@ def _decoy_hash() -> str:
 
 def login(session: Session, *, name: str, password: str, source: str) -> IssuedToken:
     """Check a name and password and issue a session token (expires after LOGIN_TOKEN_TTL)."""
-    user = session.exec(select(User).where(User.name == name)).first()
+    # A name no user can have (a NUL, a lone surrogate) is not looked up: drivers refuse them.
+    user = None
+    if name_problem(name) is None:
+        user = session.exec(select(User).where(User.name == name)).first()
     if user is None:
         verify_password(_decoy_hash(), password)
         ok = False

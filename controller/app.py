@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -26,6 +27,7 @@ from controller.api import (
     sites,
     users,
 )
+from controller.api.limits import RequestBoundsMiddleware, validation_error_handler
 from controller.db import engine_for
 from controller.errors import Conflict, ControllerError, NotFound, Refused
 from controller.settings import Settings
@@ -81,18 +83,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine if engine is not None else engine_for(settings)
 
-    @app.middleware("http")
-    async def _limit_body(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        """Refuse oversized bodies before reading them (agents batch; people upload CSVs)."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_batch_bytes:
-            return JSONResponse(
-                {"detail": f"request body larger than {settings.max_batch_bytes} bytes"},
-                status_code=413,
-            )
-        return await call_next(request)
+    # Outermost of ours: counts body bytes on the stream, before anything reads or authenticates.
+    app.add_middleware(RequestBoundsMiddleware)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(ControllerError)
     async def _controller_error(_: Request, exc: ControllerError) -> JSONResponse:

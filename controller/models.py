@@ -344,6 +344,32 @@ class ApiToken(SQLModel, table=True):
     revoked: bool = False
 
 
+class LoginFailure(SQLModel, table=True):
+    """A failed login, kept for the throttle's window (``controller.login_throttle``). The name
+    tried is kept only as a digest: people type passwords into the name field."""
+
+    __tablename__ = "login_failure"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name_key: str = Field(max_length=64, index=True, description="sha256 of the name tried")
+    source: str = Field(max_length=128, index=True, description="client address")
+    at: datetime = _ts(nullable=False, index=True)
+
+
+class LoginLockout(SQLModel, table=True):
+    """A user name or a client address refused logins until ``until`` (one row per key, reused
+    by the next lockout, so replicas agree on who started one)."""
+
+    __tablename__ = "login_lockout"
+    __table_args__ = (UniqueConstraint("kind", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, description="user or address")
+    key: str = Field(max_length=128, description="name digest or client address")
+    started_at: datetime = _ts(nullable=False)
+    until: datetime = _ts(nullable=False)
+
+
 class AuditEntry(SQLModel, table=True):
     """One link of the hash-chained, append-only audit log."""
 

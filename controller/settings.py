@@ -47,6 +47,18 @@ class Settings(BaseSettings):
         le=86400,
         description="how far ahead of the controller's clock a reported item may be dated",
     )
+    login_max_failures_per_user: int = Field(
+        default=5, ge=1, description="failed logins for one name within the window -> lockout"
+    )
+    login_max_failures_per_address: int = Field(
+        default=20, ge=1, description="failed logins from one address within the window -> lockout"
+    )
+    login_failure_window_s: int = Field(
+        default=900, ge=1, description="how far back failed logins count, in seconds"
+    )
+    login_lockout_s: int = Field(
+        default=900, ge=1, description="how long a locked-out name or address is refused"
+    )
     policy_ttl_s: int = Field(
         default=7 * 86400, ge=300, description="how long an issued policy bundle stays valid"
     )

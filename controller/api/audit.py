@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 
-from controller.api.deps import Principal, SessionDep, require_roles
+from controller.api.deps import CursorQuery, Principal, SessionDep, require_roles
 from controller.audit_verify import AuditPage, VerifyResult, list_entries, verify_chain
 from controller.models import Role
 
@@ -19,7 +19,7 @@ AuditorDep = Annotated[Principal, Depends(require_roles(Role.COMPLIANCE, Role.IN
 def read_entries(
     session: SessionDep,
     _: AuditorDep,
-    cursor: Annotated[int | None, Query(ge=0, description="next_cursor of the last page")] = None,
+    cursor: CursorQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     order: Literal["asc", "desc"] = "asc",
     actor: Annotated[str | None, Query(max_length=128)] = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -10,8 +9,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from controller import accounts
-from controller.api.deps import SessionDep
+from controller import accounts, login_throttle
+from controller.api.deps import SessionDep, SettingsDep
+from controller.api.limits import parse_json
 
 router = APIRouter(tags=["auth"])
 
@@ -43,9 +43,9 @@ async def login_body(request: Request) -> LoginRequest:
     elif content_type in ("application/json", ""):
         body = await request.body()
         try:
-            raw = json.loads(body) if body else None
-        except ValueError:
-            raise _invalid("body", "body is not valid JSON") from None
+            raw = parse_json(body) if body else None
+        except ValueError as exc:
+            raise _invalid("body", f"body is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise _invalid("body", 'expected a JSON object {"name": ..., "password": ...}')
     else:
@@ -87,20 +87,36 @@ _LOGIN_SCHEMA = {
     "/auth/token",
     response_model=TokenResponse,
     openapi_extra=_LOGIN_SCHEMA,
-    responses={401: {"description": "invalid name or password"}},
+    responses={
+        401: {"description": "invalid name or password"},
+        429: {"description": "too many failed logins for this name or address; see Retry-After"},
+    },
 )
 def issue_token(
     credentials: Annotated[LoginRequest, Depends(login_body)],
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
 ) -> TokenResponse:
-    """A session token (expires after 12 h). A wrong name or password gets the same answer."""
+    """A session token (expires after 12 h). A wrong name or password gets the same answer;
+    too many of them lock the name, or the address, out for a while (429)."""
     source = request.client.host if request.client else ""
     try:
-        issued = accounts.login(
-            session, name=credentials.name, password=credentials.password, source=source
+        issued = login_throttle.login(
+            session,
+            login_throttle.ThrottlePolicy.of(settings),
+            name=credentials.name,
+            password=credentials.password,
+            source=source,
         )
+    except login_throttle.LoginThrottled as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=str(exc),
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
     except accounts.LoginFailed as exc:
+        session.commit()  # the failure counts towards a lockout
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from None

@@ -9,7 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
 from controller.alerts import ResolvedAlert, ResolveRequest, resolve_alert
-from controller.api.deps import AnyUserDep, Principal, SessionDep, SettingsDep, require_roles
+from controller.api.deps import (
+    AnyUserDep,
+    IdPath,
+    Principal,
+    SessionDep,
+    SettingsDep,
+    require_roles,
+)
 from controller.evidence import Rules
 from controller.evidence_report import (
     AlertView,
@@ -86,7 +93,7 @@ def read_alerts(
 def resolve(
     session: SessionDep,
     who: Annotated[Principal, Depends(require_roles(Role.OPERATOR, Role.COMPLIANCE))],
-    alert_id: int,
+    alert_id: IdPath,
     body: ResolveRequest,
 ) -> ResolvedAlert:
     """Mark an alert dealt with, saying how (audited); it leaves the open alerts."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -51,6 +51,15 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+# Integers in paths and queries are row ids, versions and cursors, kept in INTEGER columns: 32
+# bits on PostgreSQL (64 on SQLite). A larger number reached the driver as an overflow (a 500).
+MAX_SQL_INT = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=MAX_SQL_INT)]
+CursorQuery = Annotated[
+    int | None, Query(ge=0, le=MAX_SQL_INT, description="next_cursor of the last page")
+]
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

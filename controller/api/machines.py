@@ -11,7 +11,14 @@ from sqlmodel import Session
 from starlette.datastructures import UploadFile
 
 from controller import register
-from controller.api.deps import AnyUserDep, Principal, SessionDep, SettingsDep, require_roles
+from controller.api.deps import (
+    MAX_SQL_INT,
+    AnyUserDep,
+    Principal,
+    SessionDep,
+    SettingsDep,
+    require_roles,
+)
 from controller.models import LifecycleState, Role
 from controller.register import (
     ClaimRequest,
@@ -43,7 +50,7 @@ def list_machines(
     _: AnyUserDep,
     state: LifecycleState | None = None,
     site: Annotated[str | None, Query(max_length=128, description="site name")] = None,
-    skip: Annotated[int, Query(ge=0)] = 0,
+    skip: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=register.MAX_PAGE)] = 100,
 ) -> MachinesPublic:
     """The register, filtered by lifecycle state and/or site; ``count`` is the total."""

@@ -17,8 +17,10 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, 
 from contract.policy import PolicyBundle
 from controller import bundles, exemptions, pool_policy, signing
 from controller.api.deps import (
+    MAX_SQL_INT,
     AgentDep,
     AnyUserDep,
+    IdPath,
     Principal,
     SessionDep,
     SettingsDep,
@@ -126,7 +128,7 @@ def propose_pool_set(
 )
 def approve_pool_set(
     name: str,
-    version: int,
+    version: IdPath,
     principal: DeciderDep,
     session: SessionDep,
     body: Decision | None = None,
@@ -141,7 +143,7 @@ def approve_pool_set(
     "/sites/{name}/pool-sets/{version}/reject", response_model=PoolSetPublic, responses=_REFUSED
 )
 def reject_pool_set(
-    name: str, version: int, body: Decision, principal: ProposerDep, session: SessionDep
+    name: str, version: IdPath, body: Decision, principal: ProposerDep, session: SessionDep
 ) -> PoolSetPublic:
     """Reject a proposal (a compliance user other than the proposer) or withdraw one's own."""
     row = pool_policy.reject(session, principal, name, version, body.reason)
@@ -174,7 +176,8 @@ def preview_policy(
     _: AnyUserDep,
     session: SessionDep,
     version: Annotated[
-        int | None, Query(ge=1, description="a stored revision, e.g. the pending proposal")
+        int | None,
+        Query(ge=1, le=MAX_SQL_INT, description="a stored revision, e.g. the pending proposal"),
     ] = None,
 ) -> bundles.PolicyPreview:
     """Dry run: how the machines' latest observations stand against the approved set (or
@@ -206,7 +209,7 @@ def request_exemption(
     responses=_REFUSED,
 )
 def approve_exemption(
-    machine_id: str, exemption_id: int, principal: DeciderDep, session: SessionDep
+    machine_id: str, exemption_id: IdPath, principal: DeciderDep, session: SessionDep
 ) -> ExemptionPublic:
     """Approve: a compliance user other than the requester."""
     view = exemptions.approve(session, principal, exemption_id, machine_id)
@@ -221,7 +224,7 @@ def approve_exemption(
 )
 def revoke_exemption(
     machine_id: str,
-    exemption_id: int,
+    exemption_id: IdPath,
     body: RevokeRequest,
     principal: ProposerDep,
     session: SessionDep,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, status
 from pydantic import BaseModel, Field
 
 from controller import accounts
-from controller.api.deps import AnyUserDep, Principal, SessionDep, require_roles
+from controller.api.deps import AnyUserDep, IdPath, Principal, SessionDep, require_roles
 from controller.models import ApiToken, Role, User
 from controller.security import MIN_PASSWORD_LENGTH
 
@@ -112,7 +112,7 @@ def create_my_token(body: TokenCreate, principal: AnyUserDep, session: SessionDe
 
 
 @router.delete("/users/me/tokens/{token_id}", response_model=TokenPublic)
-def revoke_my_token(token_id: int, principal: AnyUserDep, session: SessionDep) -> TokenPublic:
+def revoke_my_token(token_id: IdPath, principal: AnyUserDep, session: SessionDep) -> TokenPublic:
     row = accounts.revoke_api_token(session, principal, _user_id(principal), token_id)
     session.commit()
     return TokenPublic.of(row)
