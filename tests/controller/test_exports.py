@@ -278,15 +278,15 @@ def history(engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch)
             [
                 iv("A", "compliant", "2026-10-03T08:00", "2026-10-08T00:00", "2026-10-07T23:55", good("A")),
                 iv("A", "exempt", "2026-10-08T00:00", "2026-10-09T00:00", "2026-10-08T23:55", good("A")),
-                iv("A", "compliant", "2026-10-09T00:00", None, "2026-10-20T00:00", good("A")),
+                iv("A", "compliant", "2026-10-09T00:00", None, "2026-10-31T23:50", good("A")),
                 iv("B", "compliant", "2026-10-03T08:00", "2026-10-11T00:00", "2026-10-10T23:55", good("B")),
                 iv("B", "unknown", "2026-10-11T00:00", "2026-10-11T06:00", "2026-10-11T05:55", []),
-                iv("B", "compliant", "2026-10-11T06:00", None, "2026-10-11T06:00", good("B")),
+                iv("B", "compliant", "2026-10-11T06:00", None, "2026-10-31T23:50", good("B")),
                 iv("C", "compliant", "2026-10-03T08:00", "2026-10-05T12:00", "2026-10-05T11:55", good("C")),
                 iv("C", "non_compliant", "2026-10-05T12:00", "2026-10-05T14:00", "2026-10-05T12:00",
                    [{"url": EVIL, "user": "thief.1"}]),
                 iv("C", "compliant", "2026-10-05T14:00", "2026-10-25T00:00", "2026-10-24T23:55", good("C")),
-                iv("C", "non_compliant", "2026-10-25T00:00", None, "2026-10-31T23:00",
+                iv("C", "non_compliant", "2026-10-25T00:00", None, "2026-10-31T23:50",
                    [{"url": EVIL, "user": "thief.1"}]),
                 iv("D", "compliant", "2026-10-03T08:00", "2026-10-20T10:00", "2026-10-20T09:55", d_pools,
                    "southacct.SD-1"),
@@ -340,7 +340,7 @@ def expected_register(ids: dict[str, str], as_of: str) -> list[dict[str, str]]:
         "operating_hours": "0.17",
         "configured_pools": f"{V1_URLS[0]} (northacct.{ids['A']})",
         "worker_name": f"northacct.{ids['A']}",
-        "last_pool_check": "2026-10-20T00:00:00Z" if late else "2026-10-11T00:05:00Z",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-11T00:05:00Z",
         "record_version": "4" if late else "3",
     }  # fmt: skip
     b = base_n | {
@@ -349,7 +349,8 @@ def expected_register(ids: dict[str, str], as_of: str) -> list[dict[str, str]]:
         "ip": "127.0.10.22", "avg_hashrate_ths": "", "avg_power_w": "",
         "operating_hours": "0.00", "configured_pools": f"{V1_URLS[0]} (northacct.{ids['B']})",
         "worker_name": f"northacct.{ids['B']}",
-        "last_pool_check": "2026-10-11T06:00:00Z", "record_version": "4",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-11T06:00:00Z",
+        "record_version": "4",
     }  # fmt: skip
     c = base_n | {
         "machine_id": ids["C"], "label_serial": "SC-LABEL-3", "reported_serial": "SC-0003",
@@ -360,7 +361,7 @@ def expected_register(ids: dict[str, str], as_of: str) -> list[dict[str, str]]:
         "configured_pools": f"{EVIL} (thief.1)" if late else f"{V1_URLS[0]} (northacct.{ids['C']})",
         "worker_name": f"northacct.{ids['C']}",
         "pool_compliance": "non-compliant" if late else "compliant",
-        "last_pool_check": "2026-10-31T23:00:00Z" if late else "2026-10-05T14:00:00Z",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-05T14:00:00Z",
         "record_version": "3",
     }  # fmt: skip
     d = {
