@@ -306,7 +306,7 @@ def _first_seen(conn: Connection, end: datetime) -> dict[int, datetime]:
     (a machine imported before an agent saw it)."""
     first_version = (
         select(VERSION.c.machine_pk, func.min(VERSION.c.valid_from).label("at"))
-        .where(VERSION.c.valid_from < end)
+        .where(VERSION.c.valid_from <= end)
         .group_by(VERSION.c.machine_pk)
     )
     out: dict[int, datetime] = {}
