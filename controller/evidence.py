@@ -404,6 +404,7 @@ def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
     """Changed intervals (closed, or confirmed by a newer poll), new intervals, new incidents
     and changed ones: one statement each."""
     closed: list[dict[str, Any]] = []
+    confirmed: list[dict[str, Any]] = []
     new_intervals: list[dict[str, Any]] = []
     new_incidents: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
@@ -423,6 +424,8 @@ def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
                         "checked_at": iv.checked_at,
                     }
                 )
+            elif iv.ended_at is None:  # still open, confirmed by a newer poll
+                confirmed.append({"iv": iv.id, "checked": iv.checked_at})
             else:
                 closed.append({"iv": iv.id, "end": iv.ended_at, "checked": iv.checked_at})
         for inc in plan.incidents:
@@ -442,6 +445,13 @@ def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
                 checked_at=bindparam("checked", type_=INTERVAL.c.checked_at.type),
             ),
             closed,
+        )
+    if confirmed:  # the usual case, every poll: leave the indexed ended_at alone
+        conn.execute(
+            update(INTERVAL)
+            .where(INTERVAL.c.id == bindparam("iv"))
+            .values(checked_at=bindparam("checked", type_=INTERVAL.c.checked_at.type)),
+            confirmed,
         )
     if new_intervals:
         conn.execute(insert(INTERVAL), new_intervals)
