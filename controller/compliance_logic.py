@@ -38,6 +38,34 @@ INCIDENT_EVENTS = frozenset(
 )
 
 
+ReadBack = tuple[tuple[str, str, str | None], ...]
+"""The pools a poll read back, as judged: ``(url, user, kind)`` per slot, in slot order (what
+changes from poll to poll, like a pool's alive status, is left out)."""
+
+
+def readback_of(pools: Sequence[PoolReading]) -> ReadBack:
+    return tuple((p.url, p.user, p.kind) for p in pools)
+
+
+def readback_json(readback: ReadBack) -> list[dict[str, Any]]:
+    """As stored on the interval (``compliance_interval.pools``)."""
+    out: list[dict[str, Any]] = []
+    for url, user, kind in readback:
+        out.append({"url": url, "user": user, **({"kind": kind} if kind else {})})
+    return out
+
+
+def readback_from_json(value: Any) -> ReadBack | None:
+    """The stored form back (None: an interval recorded before read-backs were kept)."""
+    if value is None:
+        return None
+    return tuple(
+        (str(p.get("url") or ""), str(p.get("user") or ""), p.get("kind") or None)
+        for p in value
+        if isinstance(p, dict)
+    )
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The controller's judgement of one poll of one machine."""
@@ -48,6 +76,13 @@ class Verdict:
     problems: tuple[str, ...] = ()
     observed: tuple[dict[str, Any], ...] = ()
     pool_set_version: int | None = None
+    readback: ReadBack = ()
+    worker: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int | None, str | None, ReadBack]:
+        """What an interval is made of: a change in any of it starts a new one."""
+        return (self.status.value, self.cause, self.pool_set_version, self.worker, self.readback)
 
 
 def judge(
@@ -60,19 +95,35 @@ def judge(
     worker: str,
     exemption: str | None = None,
 ) -> Verdict:
-    """Unreachable or no pools read → unknown; exempt → exempt; else compliant or not."""
+    """Unreachable or no pools read → unknown; exempt → exempt; else compliant or not.
+
+    The verdict carries what it was judged on (the pools read back and the expected worker),
+    which the interval keeps and the exports show."""
     version = approved.version
     if not reachable:
-        return Verdict(at, PoolStatus.UNKNOWN, error or "unreachable", pool_set_version=version)
+        return Verdict(
+            at, PoolStatus.UNKNOWN, error or "unreachable", pool_set_version=version, worker=worker
+        )
     if not pools:
-        return Verdict(at, PoolStatus.UNKNOWN, error or "no pools read", pool_set_version=version)
+        return Verdict(
+            at, PoolStatus.UNKNOWN, error or "no pools read", pool_set_version=version,
+            worker=worker,
+        )  # fmt: skip
+    readback = readback_of(pools)
     if exemption is not None:
-        return Verdict(at, PoolStatus.EXEMPT, exemption, pool_set_version=version)
+        return Verdict(
+            at, PoolStatus.EXEMPT, exemption, pool_set_version=version, readback=readback,
+            worker=worker,
+        )  # fmt: skip
     if _plainly_compliant(approved, worker, pools):
-        return Verdict(at, PoolStatus.COMPLIANT, pool_set_version=version)
+        return Verdict(
+            at, PoolStatus.COMPLIANT, pool_set_version=version, readback=readback, worker=worker
+        )
     verdict = assess_pools(approved, worker, pools)
     if verdict.compliant:
-        return Verdict(at, PoolStatus.COMPLIANT, pool_set_version=version)
+        return Verdict(
+            at, PoolStatus.COMPLIANT, pool_set_version=version, readback=readback, worker=worker
+        )
     observed = tuple(p.model_dump(mode="json", exclude_none=True) for p in pools)
     return Verdict(
         at,
@@ -81,6 +132,8 @@ def judge(
         problems=verdict.problems,
         observed=observed,
         pool_set_version=version,
+        readback=readback,
+        worker=worker,
     )
 
 
@@ -136,6 +189,13 @@ class IntervalRow:
     ended_at: datetime | None = None
     pool_set_version: int | None = None
     id: int | None = None
+    worker: str | None = None
+    readback: ReadBack | None = None  # None: recorded before read-backs were kept
+    checked_at: datetime | None = None  # the newest poll that confirmed it
+
+    @property
+    def key(self) -> tuple[str, str, int | None, str | None, ReadBack | None]:
+        return (self.status, self.cause, self.pool_set_version, self.worker, self.readback)
 
 
 @dataclass
@@ -184,10 +244,12 @@ def plan_machine(
 ) -> MachinePlan:
     """Apply polls and events in time order (a poll before an event of the same instant).
 
-    A poll not newer than the open interval's start is ignored (batches replayed out of
-    order cannot rewrite the past). A new interval starts when status, cause or pool set
-    version changes. A non-compliant poll opens an incident when none is open; a compliant
-    poll closes the open one (verified, or failed if the agent gave up on it).
+    A poll not newer than the open interval's start or its newest confirming poll is ignored
+    (batches replayed out of order cannot rewrite the past). A new interval starts when
+    status, cause, pool set version, expected worker or the pools read back change; a poll
+    that matches the open interval moves its ``checked_at``. A non-compliant poll opens an
+    incident when none is open; a compliant poll closes the open one (verified, or failed if
+    the agent gave up on it).
     """
     changed_intervals: dict[int, IntervalRow] = {}
     changed_incidents: dict[int, IncidentRow] = {}
@@ -206,21 +268,26 @@ def plan_machine(
     items.sort(key=lambda item: (item[0], item[1]))
     for at, _, item in items:
         if isinstance(item, Verdict):
-            if interval is not None and at <= interval.started_at:
+            if interval is not None and at <= (interval.checked_at or interval.started_at):
                 continue
-            key = (item.status.value, item.cause, item.pool_set_version)
-            if interval is None or key != (
-                interval.status,
-                interval.cause,
-                interval.pool_set_version,
-            ):
+            if interval is None or item.key != interval.key:
                 if interval is not None:
                     interval.ended_at = at
                     touch_interval(interval)
                 interval = IntervalRow(
-                    machine_pk, item.status.value, item.cause, at, None, item.pool_set_version
+                    machine_pk,
+                    item.status.value,
+                    item.cause,
+                    at,
+                    None,
+                    item.pool_set_version,
+                    worker=item.worker,
+                    readback=item.readback,
+                    checked_at=at,
                 )
-                touch_interval(interval)
+            else:
+                interval.checked_at = at
+            touch_interval(interval)
             if item.status is PoolStatus.NON_COMPLIANT and incident is None:
                 detected = min(at, drift_hint) if drift_hint else at
                 incident = IncidentRow(

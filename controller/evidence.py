@@ -42,6 +42,8 @@ from controller.compliance_logic import (
     Verdict,
     judge,
     plan_machine,
+    readback_from_json,
+    readback_json,
     signal_time,
     streak_start,
 )
@@ -148,6 +150,9 @@ def track_compliance(
             INTERVAL.c.cause,
             INTERVAL.c.started_at,
             INTERVAL.c.pool_set_version,
+            INTERVAL.c.worker,
+            INTERVAL.c.pools,
+            INTERVAL.c.checked_at,
         )
         .select_from(
             MACHINE.outerjoin(
@@ -172,6 +177,9 @@ def track_compliance(
                     None,
                     row.pool_set_version,
                     row.iv_id,
+                    worker=row.worker,
+                    readback=readback_from_json(row.pools),
+                    checked_at=row.checked_at,
                 )
     site_of = {pk: row.site_id or agent.site_id for pk, row in machines.items()}
     policies = _site_policies(conn, {s for s in site_of.values() if s is not None})
@@ -393,8 +401,10 @@ def _open_incidents(conn: Connection, pks: set[int]) -> dict[int, IncidentRow]:
 
 
 def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
-    """Closed intervals, new intervals, new incidents and changed ones: one statement each."""
+    """Changed intervals (closed, or confirmed by a newer poll), new intervals, new incidents
+    and changed ones: one statement each."""
     closed: list[dict[str, Any]] = []
+    confirmed: list[dict[str, Any]] = []
     new_intervals: list[dict[str, Any]] = []
     new_incidents: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []
@@ -409,10 +419,15 @@ def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
                         "started_at": iv.started_at,
                         "ended_at": iv.ended_at,
                         "pool_set_version": iv.pool_set_version,
+                        "worker": iv.worker,
+                        "pools": None if iv.readback is None else readback_json(iv.readback),
+                        "checked_at": iv.checked_at,
                     }
                 )
+            elif iv.ended_at is None:  # still open, confirmed by a newer poll
+                confirmed.append({"iv": iv.id, "checked": iv.checked_at})
             else:
-                closed.append({"iv": iv.id, "end": iv.ended_at})
+                closed.append({"iv": iv.id, "end": iv.ended_at, "checked": iv.checked_at})
         for inc in plan.incidents:
             values = {name: getattr(inc, name) for name in _INCIDENT_FIELDS}
             if inc.id is None:
@@ -425,8 +440,18 @@ def _write(conn: Connection, plans: Iterable[MachinePlan]) -> None:
         conn.execute(
             update(INTERVAL)
             .where(INTERVAL.c.id == bindparam("iv"))
-            .values(ended_at=bindparam("end", type_=INTERVAL.c.ended_at.type)),
+            .values(
+                ended_at=bindparam("end", type_=INTERVAL.c.ended_at.type),
+                checked_at=bindparam("checked", type_=INTERVAL.c.checked_at.type),
+            ),
             closed,
+        )
+    if confirmed:  # the usual case, every poll: leave the indexed ended_at alone
+        conn.execute(
+            update(INTERVAL)
+            .where(INTERVAL.c.id == bindparam("iv"))
+            .values(checked_at=bindparam("checked", type_=INTERVAL.c.checked_at.type)),
+            confirmed,
         )
     if new_intervals:
         conn.execute(insert(INTERVAL), new_intervals)

@@ -200,6 +200,7 @@ def compliance_status(
             INTERVAL.c.status,
             INTERVAL.c.started_at,
             INTERVAL.c.ended_at,
+            INTERVAL.c.checked_at,
             MACHINE.c.site_id,
             MACHINE.c.machine_id,
             LATEST.c.observed_at,
@@ -216,7 +217,10 @@ def compliance_status(
         if row.ended_at is not None:
             a.seconds[row.status] += clipped_seconds(row.started_at, row.ended_at, start, hi)
             continue
-        known_until = max(_open_end(row.observed_at, hi, rules.stale_after), row.started_at)
+        # the newest poll that confirmed it (the same rule as the compliance export); the
+        # latest poll for intervals recorded before intervals kept it
+        confirmed = row.checked_at or row.observed_at
+        known_until = max(_open_end(confirmed, hi, rules.stale_after), row.started_at)
         a.seconds[row.status] += clipped_seconds(row.started_at, known_until, start, hi)
         a.seconds[PoolStatus.UNKNOWN.value] += clipped_seconds(known_until, hi, start, hi)
         if row.status == PoolStatus.NON_COMPLIANT.value and end >= now:

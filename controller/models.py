@@ -492,6 +492,13 @@ class ComplianceInterval(SQLModel, table=True):
     started_at: datetime = _ts(nullable=False)
     ended_at: datetime | None = _ts(nullable=True)
     pool_set_version: int | None = None
+    # What the judgement saw, so that every export row shows the record its status came from
+    # (NULL on intervals recorded before 0003): the pools the agent read back (url, user and
+    # kind per slot, in slot order), the worker the machine was expected to use, and the
+    # newest poll that confirmed this interval.
+    pools: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    worker: str | None = Field(default=None, max_length=512)
+    checked_at: datetime | None = _ts(nullable=True)
 
 
 class DriftIncident(SQLModel, table=True):

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,6 +134,7 @@ def _build(
                 who,
                 resolution_s=settings.history_resolution_s,
                 progress=progress,
+                stale_after=timedelta(minutes=settings.missing_after_minutes),
             )
         zip_folder(result.folder, folder / "export.zip")
     except ControllerError as exc:

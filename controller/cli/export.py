@@ -6,7 +6,7 @@ written into a new folder with a signed manifest (and optionally zipped).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -31,13 +31,15 @@ from controller.signing import load_or_create
 
 
 def parse_time(text: str, what: str) -> datetime:
-    """ISO 8601 with a zone (``2026-11-01T00:00Z``) or a bare date (midnight UTC)."""
+    """ISO 8601 with a zone (``2026-11-01T00:00Z``), a bare date (midnight UTC) or ``now``."""
     value = text.strip()
+    if value.lower() == "now":
+        return datetime.now(UTC).replace(microsecond=0)
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(
-            f"{what} {text!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00Z)"
+            f"{what} {text!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00Z) or 'now'"
         ) from None
     if parsed.tzinfo is None:
         if len(value) == 10:  # a date alone: midnight UTC
@@ -95,6 +97,7 @@ def _run(
                 key,
                 actor,
                 resolution_s=settings.history_resolution_s,
+                stale_after=timedelta(minutes=settings.missing_after_minutes),
             )
     except (ExportError, NotFound) as exc:  # the request cannot be met as given
         fail(str(exc), code=2)
@@ -113,6 +116,8 @@ def _report(result: ExportResult) -> None:
         typer.echo(f"  {entry['name']}  {entry['bytes']} bytes  sha256 {entry['sha256']}")
     typer.echo(f"  manifest.json  sha256 {result.manifest_sha256}")
     typer.echo(f"signed with key {result.manifest['key_fingerprint']}")
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 FormatOpt = Annotated[str, typer.Option("--format", help="Comma-separated: csv,xlsx,pdf.")]

@@ -3,10 +3,14 @@
 Pure arithmetic (:func:`summarise_machine`, :func:`is_unremediated`) is kept apart from the
 queries. Definitions, so that an inspector can redo the sums:
 
-- A machine counts from its first register record (or the period start, if later) to its
-  decommissioning (or the period end, if earlier): its *hours in period*.
+- A machine counts from when it was first seen (its first register record, if earlier; or
+  the period start, if later) to its decommissioning, the period end or the moment the
+  report is made, whichever comes first: its *hours in period*. No hour before a machine
+  existed, after it left service or in the future is ever counted.
 - Compliant / non-compliant / unknown / exempt hours are its ``compliance_interval`` rows
-  clipped to those hours; time with no interval at all counts as **unknown**.
+  clipped to those hours; time with no interval at all counts as **unknown**. An interval
+  still open counts until ``stale_after`` past its newest confirming poll (the same rule as
+  the controller's live status); after that its status is not known, so **unknown**.
 - *Time in compliance, %* = compliant ÷ (hours in period − exempt), so an approved exemption
   neither helps nor hurts; empty when nothing is left to measure.
 - A drift incident belongs to the period if it was detected in it, or detected before and
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
@@ -30,7 +34,7 @@ from sqlmodel import Session
 from controller.exports.i18n import Lang, label
 from controller.exports.register import _sites, site_named, state_of, versions_as_of
 from controller.exports.table import Column, Table
-from controller.tables import INCIDENT, INTERVAL, VERSION
+from controller.tables import INCIDENT, INTERVAL, MACHINE, VERSION
 
 STATUSES = ("compliant", "non_compliant", "unknown", "exempt")
 DEFAULT_REPEAT_THRESHOLD = 3
@@ -78,11 +82,20 @@ SITE_COLUMNS: tuple[Column, ...] = (
 )
 
 
+STALE_AFTER = timedelta(minutes=15)
+"""The default of ``missing_after_minutes``: a status not confirmed for this long is unknown."""
+
+Span = tuple[str, datetime, datetime | None, datetime | None]
+"""An interval as the report reads it: status, started, ended (None: open), checked."""
+
+
 @dataclass(frozen=True)
 class ComplianceQuery:
     period: tuple[datetime, datetime]
     site: str | None = None
     repeat_threshold: int = DEFAULT_REPEAT_THRESHOLD
+    now: datetime | None = None  # None: the moment the report is made
+    stale_after: timedelta = STALE_AFTER
 
 
 @dataclass
@@ -106,15 +119,35 @@ class MachineSummary:
         return round(100.0 * self.seconds.get("compliant", 0.0) / self.measurable_s, 2)
 
 
+def machine_window(
+    period: tuple[datetime, datetime],
+    now: datetime,
+    first_seen: datetime | None,
+    decommissioned: datetime | None,
+) -> tuple[datetime, datetime] | None:
+    """The part of ``period`` a machine existed and in service, up to ``now``; None when
+    there is none (the machine is then left out of the report)."""
+    lo = max(period[0], first_seen) if first_seen is not None else period[0]
+    hi = min(period[1], now)
+    if decommissioned is not None:
+        hi = min(hi, decommissioned)
+    return (lo, hi) if hi > lo else None
+
+
 def summarise_machine(
     window: tuple[datetime, datetime],
-    intervals: Iterable[tuple[str, datetime, datetime | None]],
+    intervals: Iterable[Span] | Iterable[tuple[str, datetime, datetime | None]],
+    stale_after: timedelta | None = None,
 ) -> MachineSummary:
-    """Clip ``(status, started, ended or None)`` intervals to ``window``; uncovered = unknown."""
+    """Clip ``(status, started, ended or None[, checked])`` intervals to ``window``; an open
+    one counts until ``stale_after`` past its newest confirming poll; uncovered = unknown."""
     start, end = window
     observed = max(0.0, (end - start).total_seconds())
     seconds: dict[str, float] = dict.fromkeys(STATUSES, 0.0)
-    for status, started, ended in intervals:
+    for status, started, ended, *rest in intervals:
+        checked = rest[0] if rest else None
+        if ended is None and checked is not None and stale_after is not None:
+            ended = max(started, checked + stale_after)
         lo = max(start, started)
         hi = min(end, ended) if ended is not None else end
         if hi > lo:
@@ -141,24 +174,25 @@ class ComplianceReport:
 def build_compliance(session: Session, query: ComplianceQuery, lang: Lang) -> ComplianceReport:
     """All three tables and the fleet totals for ``query.period``."""
     start, end = query.period
+    now = query.now or datetime.now(UTC)
     conn = session.connection()
     sites = _sites(session)
     site_id = site_named(sites, query.site).id if query.site is not None else None
     machines = _machines(conn, end, site_id)
-    first_seen = _first_versions(conn, end)
+    first_seen = _first_seen(conn, end)
     intervals = _intervals(conn, start, end)
-    incidents = _incidents(conn, start, end)
+    incidents = _incidents(conn, start, min(end, now))
 
     machine_rows: list[tuple[Any, ...]] = []
     incident_rows: list[tuple[Any, ...]] = []
     per_site: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for pk, m in machines.items():
-        decommissioned = m["decommissioned_at"]
-        lo = max(start, first_seen.get(pk, start))
-        hi = min(end, decommissioned) if decommissioned is not None else end
-        if hi <= lo and decommissioned is not None and decommissioned < start:
-            continue  # out of service for the whole period
-        summary = summarise_machine((lo, max(lo, hi)), intervals.get(pk, ()))
+        window = machine_window(
+            query.period, now, first_seen.get(pk), _aware(m["decommissioned_at"])
+        )
+        if window is None:
+            continue  # not seen yet, or out of service, for the whole period
+        summary = summarise_machine(window, intervals.get(pk, ()), query.stale_after)
         site = sites.get(m["site_id"]) if m["site_id"] is not None else None
         site_name = site.name if site else ""
         own = incidents.get(pk, [])
@@ -267,27 +301,45 @@ def _machines(conn: Connection, end: datetime, site_id: int | None) -> dict[int,
     return {row["machine_pk"]: dict(row) for row in conn.execute(stmt).mappings()}
 
 
-def _first_versions(conn: Connection, end: datetime) -> dict[int, datetime]:
-    stmt = (
-        select(VERSION.c.machine_pk, func.min(VERSION.c.valid_from))
-        .where(VERSION.c.valid_from < end)
+def _first_seen(conn: Connection, end: datetime) -> dict[int, datetime]:
+    """Per machine: when it was first seen, or its first register record if that is earlier
+    (a machine imported before an agent saw it)."""
+    first_version = (
+        select(VERSION.c.machine_pk, func.min(VERSION.c.valid_from).label("at"))
+        .where(VERSION.c.valid_from <= end)
         .group_by(VERSION.c.machine_pk)
     )
-    return {pk: at for pk, at in conn.execute(stmt)}
+    out: dict[int, datetime] = {}
+    for pk, at in conn.execute(first_version):
+        if (first := _aware(at)) is not None:
+            out[pk] = first
+    for pk, at in conn.execute(select(MACHINE.c.id, MACHINE.c.first_seen)):
+        seen = _aware(at)
+        if pk in out and seen is not None and seen < out[pk]:
+            out[pk] = seen
+    return out
 
 
-def _intervals(
-    conn: Connection, start: datetime, end: datetime
-) -> dict[int, list[tuple[str, datetime, datetime | None]]]:
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _intervals(conn: Connection, start: datetime, end: datetime) -> dict[int, list[Span]]:
     stmt = select(
-        INTERVAL.c.machine_pk, INTERVAL.c.status, INTERVAL.c.started_at, INTERVAL.c.ended_at
+        INTERVAL.c.machine_pk,
+        INTERVAL.c.status,
+        INTERVAL.c.started_at,
+        INTERVAL.c.ended_at,
+        INTERVAL.c.checked_at,
     ).where(
         INTERVAL.c.started_at < end,
         or_(INTERVAL.c.ended_at.is_(None), INTERVAL.c.ended_at > start),
     )
-    out: dict[int, list[tuple[str, datetime, datetime | None]]] = defaultdict(list)
-    for pk, status, started, ended in conn.execute(stmt):
-        out[pk].append((status, started, ended))
+    out: dict[int, list[Span]] = defaultdict(list)
+    for pk, status, started, ended, checked in conn.execute(stmt):
+        out[pk].append((status, started, ended, checked))
     return out
 
 

@@ -17,8 +17,11 @@ import base64
 import binascii
 import hashlib
 import json
+import os
+import stat
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,12 +130,23 @@ def load_public_key(path: Path) -> str:
 
 
 class _Source:
-    """A folder or a zip, read the same way."""
+    """A folder or a zip, read the same way.
+
+    Anything that is not a plain file directly in the export is refused while listing it
+    (``problems``): a symbolic link (it could point anywhere), a sub-folder, a zip entry
+    outside the export's folder, a name that appears twice in a zip (unzip tools disagree on
+    which copy they show: a tampered copy before the original would be checked as the
+    original), and paths that climb out (``..``), are absolute or use backslashes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.problems: list[str] = []
         self._zip: zipfile.ZipFile | None = None
+        self._names: set[str] = set()
+        if path.is_symlink():
+            raise UsageError(f"{path}: a symbolic link; give the export folder or zip itself")
         if path.is_dir():
+            self._list_folder()
             return
         if not path.exists():
             raise UsageError(f"{path}: no such file or folder")
@@ -140,15 +154,53 @@ class _Source:
             raise UsageError(f"{path}: neither a folder nor a zip file")
         self._zip = zipfile.ZipFile(path)
         self._prefix = _zip_prefix(self._zip)
+        self._list_zip(self._zip)
+
+    def _list_folder(self) -> None:
+        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+            if entry.is_symlink():
+                self.problems.append(
+                    f"{entry.name}: a symbolic link, refused (it could point outside the export)"
+                )
+            elif entry.is_dir(follow_symlinks=False):
+                self.problems.append(
+                    f"{entry.name}/: a folder inside the export, not in the manifest"
+                )
+            elif not entry.is_file(follow_symlinks=False):
+                self.problems.append(f"{entry.name}: not a regular file, refused")
+            else:
+                self._names.add(entry.name)
+
+    def _list_zip(self, archive: zipfile.ZipFile) -> None:
+        counts = Counter(info.filename for info in archive.infolist())
+        for name, count in sorted(counts.items()):
+            if count > 1:
+                self.problems.append(
+                    f"{name}: {count} entries of this name in the zip, refused (which one a "
+                    "tool shows differs: one of them may be a tampered copy)"
+                )
+        for info in archive.infolist():
+            name = info.filename
+            trick = _path_trick(name)
+            if trick:
+                self.problems.append(f"{name}: {trick}, refused")
+                continue
+            if stat.S_ISLNK(info.external_attr >> 16):
+                self.problems.append(f"{name}: a symbolic link in the zip, refused")
+                continue
+            if name.endswith("/"):
+                if name != self._prefix:
+                    self.problems.append(f"{name}: a folder that is not the export's, refused")
+                continue
+            if not name.startswith(self._prefix) or "/" in name[len(self._prefix) :]:
+                self.problems.append(
+                    f"{name}: outside the export folder, not in the manifest (added after signing)"
+                )
+                continue
+            self._names.add(name[len(self._prefix) :])
 
     def names(self) -> set[str]:
-        if self._zip is None:
-            return {p.name for p in self.path.iterdir() if p.is_file()}
-        return {
-            n[len(self._prefix) :]
-            for n in self._zip.namelist()
-            if not n.endswith("/") and n.startswith(self._prefix)
-        }
+        return set(self._names)
 
     @contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
@@ -164,12 +216,30 @@ class _Source:
             self._zip.close()
 
 
+def _path_trick(name: str) -> str | None:
+    """Why a zip entry's name is unsafe to extract, if it is."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if "\\" in name:
+        return "a backslash in the path"
+    if ".." in name.split("/"):
+        return "a path that climbs out (..)"
+    if "\0" in name:
+        return "a NUL in the path"
+    return None
+
+
 def _zip_prefix(archive: zipfile.ZipFile) -> str:
-    """Files may sit at the root of the zip or in one top-level folder."""
-    for name in archive.namelist():
-        if name == MANIFEST or name.endswith("/" + MANIFEST):
-            return name[: -len(MANIFEST)]
-    return ""
+    """Files may sit at the root of the zip or in one top-level folder (the folder of the
+    shallowest ``manifest.json``)."""
+    candidates = [
+        name[: -len(MANIFEST)]
+        for name in archive.namelist()
+        if (name == MANIFEST or name.endswith("/" + MANIFEST)) and _path_trick(name) is None
+    ]
+    if not candidates:
+        return ""
+    return min(candidates, key=lambda prefix: (prefix.count("/"), prefix))
 
 
 UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
@@ -177,7 +247,8 @@ UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
 
 def verify_export(path: Path, public_key_b64: str | None = None) -> Verification:
-    """Check signature, key, every file's hash and size, and that no file is missing or extra."""
+    """Check signature, key, every file's hash and size, that no file is missing or extra,
+    and that the folder or zip holds nothing but plain files (see :class:`_Source`)."""
     try:
         source = _Source(path)
     except UNREADABLE as exc:
@@ -196,6 +267,7 @@ def verify_export(path: Path, public_key_b64: str | None = None) -> Verification
 
 def _verify(source: _Source, pinned: str | None) -> Verification:
     result = Verification()
+    result.problems.extend(source.problems)
     names = source.names()
     if MANIFEST not in names:
         result.problems.append(f"{MANIFEST} is missing: nothing says what this export holds")

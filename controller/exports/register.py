@@ -2,10 +2,16 @@
 
 Each machine's row is its newest ``machine_version`` with ``valid_from <= as_of`` (never
 today's row with an old date on it). Around it, everything else is read as of the same
-moment: the configured pools and the time of the last pool check are the newest successful
-poll at or before ``as_of`` (``observation_history``); the pool-compliance status is the
-``compliance_interval`` covering ``as_of``; the approved pool set is the newest set of the
-machine's site approved at or before ``as_of``. Measured averages cover ``period``:
+moment. The pool columns are one fact, so they come from one record: the
+``compliance_interval`` covering ``as_of``, which keeps what its judgement saw — the status,
+the pools the agent read back, the worker the machine was expected to use, the approved pool
+set's version and the newest poll that confirmed it. "compliant" therefore always sits next
+to the read-back that was judged compliant. The last pool check is that newest confirming
+poll when it is not after ``as_of``; for an ``as_of`` inside an interval's span, the newest
+poll kept in the history at or before ``as_of`` and not before the interval started (exact
+to a history bucket). Without an interval (nothing judged yet) the status is unknown, the
+read-back and worker empty, and the approved pool set the newest one approved at or before
+``as_of``. Measured averages cover ``period``:
 hashrate and power average the reachable polls; operating hours are the polls that found the
 machine mining times the history resolution (one poll is kept per bucket, so this is exact
 to a bucket).
@@ -16,8 +22,7 @@ hour and day sums of :mod:`controller.history_rollup`. Rows are fetched without 
 per-value processing and converted where used: a 100,000-machine register is millions of
 values.
 
-Not versioned (their current values are used): site names, owners and licence numbers, and
-the site's worker-name template.
+Not versioned (their current values are used): site names, owners and licence numbers.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+from sqlalchemy import Column as SqlColumn
 from sqlalchemy import (
-    JSON,
     DateTime,
     Float,
     Integer,
@@ -44,10 +49,8 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    true,
     type_coerce,
 )
-from sqlalchemy import Column as SqlColumn
 from sqlalchemy import Table as SqlTable
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement
@@ -63,10 +66,8 @@ from controller.models import (
     PoolSet,
     PoolSetStatus,
     Site,
-    SitePolicy,
 )
 from controller.tables import HISTORY, INTERVAL, MACHINE, VERSION
-from controller.worker_names import DEFAULT_TEMPLATE, render_worker, worker_facts
 
 SERIAL_MISMATCH_FLAG = "serial_mismatch"
 
@@ -208,7 +209,7 @@ def build_register(session: Session, query: RegisterQuery, resolution_s: int) ->
     if query.site is not None:
         site_id = site_named(sites, query.site).id
     pool_sets = approved_sets_as_of(session, query.as_of)
-    templates = _templates(session)
+    versions_of_sets = _pool_set_versions(session)
     # The history is read on a second connection meanwhile, into temporary tables: one
     # statement each, during which SQLite releases the GIL, so it runs on the other core
     # (history before ``as_of`` is not rewritten). Fetching rows there instead would take
@@ -216,21 +217,21 @@ def build_register(session: Session, query: RegisterQuery, resolution_s: int) ->
     with conn.engine.connect() as history, ThreadPoolExecutor(max_workers=1) as pool:
         filled = pool.submit(_fill_history_tables, history, query)
         versions = current_versions(conn, query, site_id)
-        statuses = statuses_as_of(conn, query.as_of) if versions else {}
-        heads, tails = _machine_parts(versions, sites, pool_sets, templates, statuses)
+        judged = judgements_as_of(conn, query.as_of) if versions else {}
+        heads, tails = _machine_parts(versions, sites, pool_sets, versions_of_sets, judged)
         filled.result()
-        checks = _checks_from(history.execute(select(*map(_plain_column, _CHECKS_TMP.c))).all())
+        polled = _polls_from(history.execute(select(*map(_plain_column, _CHECKS_TMP.c))).all())
         averages = _averages_from(history.execute(_SUMS_TOTAL).all(), resolution_s)
         history.rollback()  # drops the temporary tables
     no_average: Averages = (None, None, 0.0 if query.period else None)
-    no_check = (None, None)
     rows: list[tuple[Any, ...]] = []
     append = rows.append
-    for pk, head, (pool_text, worker, status, *tail) in zip(
+    for pk, head, (pool_text, worker, status, pools, *tail) in zip(
         (v[0] for v in versions), heads, tails, strict=True
     ):
         avg = averages.get(pk, no_average)
-        at, pools = checks.get(pk, no_check)
+        judgement = judged.get(pk)
+        at = judgement.last_check(query.as_of, polled.get(pk)) if judgement else None
         append(
             (
                 *head,
@@ -251,16 +252,16 @@ def _machine_parts(
     versions: list[tuple[Any, ...]],
     sites: dict[int, Site],
     pool_sets: dict[int, PoolSetView],
-    templates: dict[int, str],
-    statuses: dict[int, str],
+    sets_by_version: dict[tuple[int, int], PoolSetView],
+    judged: dict[int, Judgement],
 ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Each row's cells before and after the measured ones (averages, configured pools), built
+    """Each row's cells before and after the measured ones (averages, last pool check), built
     while the history is still being read."""
     heads: list[tuple[Any, ...]] = []
     tails: list[tuple[Any, ...]] = []
     # plain values, not ORM attributes, in the loop: (name, owner, licence) and the set's text
     site_facts = {pk: (s.name, s.owner_name, s.licence_number) for pk, s in sites.items()}
-    set_facts = {pk: (p.account, p.text) for pk, p in pool_sets.items()}
+    set_text = {pk: p.text for pk, p in pool_sets.items()}
     no_site: tuple[Any, ...] = (None, None, None)
     for (
         pk,
@@ -291,23 +292,17 @@ def _machine_parts(
         flags,
     ) in versions:
         site_name, owner, licence = site_facts.get(site_pk, no_site)
-        account, set_text = set_facts.get(site_pk, no_site[:2])
-        worker = None
-        if account is not None:
-            worker = render_worker(
-                templates.get(site_pk, DEFAULT_TEMPLATE),
-                worker_facts(
-                    account=account,
-                    site=site_name,
-                    machine_id=machine_id,
-                    reported_serial=reported_serial,
-                    label_serial=label_serial,
-                    rack=rack,
-                    container=container,
-                    shelf=shelf,
-                    slot=slot,
-                ),
+        judgement = judged.get(pk)
+        if judgement is None:
+            approved, worker, status, pools = set_text.get(site_pk), None, "unknown", None
+        else:
+            judged_set = (
+                sets_by_version.get((site_pk, judgement.pool_set_version))
+                if judgement.pool_set_version is not None
+                else None
             )
+            approved = judged_set.text if judged_set else set_text.get(site_pk)
+            worker, status, pools = judgement.worker, judgement.status, judgement.pools_text
         heads.append(
             (
                 machine_id,
@@ -336,9 +331,10 @@ def _machine_parts(
         )
         tails.append(
             (
-                set_text,
+                approved,
                 worker,
-                statuses.get(pk, "unknown"),
+                status,
+                pools,
                 _STATE_VALUES[str(state)],
                 _utc(state_since),
                 _utc(commissioned_at),
@@ -402,7 +398,6 @@ _CHECKS_TMP = SqlTable(
     _TMP,
     SqlColumn("machine_pk", Integer),
     SqlColumn("observed_at", DateTime(timezone=True)),
-    SqlColumn("pools", JSON),
     prefixes=["TEMPORARY"],
 )
 _SUMS_TMP = SqlTable(
@@ -423,7 +418,7 @@ def _fill_history_tables(conn: Connection, query: RegisterQuery) -> None:
     _TMP.create_all(conn)
     conn.execute(
         insert(_CHECKS_TMP).from_select(
-            ["machine_pk", "observed_at", "pools"], _last_check_query(query.as_of)
+            ["machine_pk", "observed_at"], _last_check_query(query.as_of)
         )
     )
     if query.period is not None:
@@ -441,10 +436,6 @@ def site_named(sites: dict[int, Site], name: str) -> Site:
         if site.name == name:
             return site
     raise NotFound(f"no site named {name!r}")
-
-
-def _templates(session: Session) -> dict[int, str]:
-    return {p.site_id: p.worker_template for p in session.exec(orm_select(SitePolicy))}
 
 
 def versions_as_of(conn: Connection, as_of: datetime) -> Any:
@@ -526,10 +517,9 @@ def current_versions(
     return list(conn.execute(stmt).tuples().all())
 
 
-def last_checks(conn: Connection, as_of: datetime) -> dict[int, tuple[datetime | None, str]]:
-    """Per machine: the time and pools (as text) of its newest successful poll at or before
-    ``as_of``."""
-    return _checks_from(conn.execute(_last_check_query(as_of)).all())
+def last_polls(conn: Connection, as_of: datetime) -> dict[int, datetime | None]:
+    """Per machine: the time of its newest poll kept in the history at or before ``as_of``."""
+    return _polls_from(conn.execute(_last_check_query(as_of)).all())
 
 
 def _last_check_query(as_of: datetime) -> Any:
@@ -540,29 +530,74 @@ def _last_check_query(as_of: datetime) -> Any:
         .where(
             HISTORY.c.machine_pk == MACHINE.c.id,
             HISTORY.c.observed_at <= as_of,
-            HISTORY.c.reachable == true(),
         )
         .order_by(HISTORY.c.observed_at.desc(), HISTORY.c.id.desc())
         .limit(1)
         .correlate(MACHINE)
         .scalar_subquery()
     )
-    return select(
-        HISTORY.c.machine_pk, _plain_column(HISTORY.c.observed_at), _plain_column(HISTORY.c.pools)
-    ).where(HISTORY.c.id.in_(select(newest).select_from(MACHINE)))
+    return select(HISTORY.c.machine_pk, _plain_column(HISTORY.c.observed_at)).where(
+        HISTORY.c.id.in_(select(newest).select_from(MACHINE))
+    )
 
 
-def _checks_from(rows: Iterable[Any]) -> dict[int, tuple[datetime | None, str]]:
-    return {pk: (_utc(at), pools_text(_json_list(pools))) for pk, at, pools in rows}
+def _polls_from(rows: Iterable[Any]) -> dict[int, datetime | None]:
+    return {pk: _utc(at) for pk, at in rows}
 
 
-def statuses_as_of(conn: Connection, as_of: datetime) -> dict[int, str]:
-    """Per machine: the pool-compliance status whose interval covers ``as_of``."""
-    stmt = select(INTERVAL.c.machine_pk, INTERVAL.c.status).where(
+@dataclass(frozen=True)
+class Judgement:
+    """The compliance interval covering a moment: what was judged, and on what."""
+
+    status: str
+    started_at: datetime
+    checked_at: datetime | None
+    pool_set_version: int | None
+    worker: str | None
+    pools: list[Any] | None  # None: recorded before read-backs were kept
+
+    @property
+    def pools_text(self) -> str | None:
+        return None if self.pools is None else pools_text(self.pools)
+
+    def last_check(self, as_of: datetime, polled: datetime | None) -> datetime:
+        """The newest poll of this judgement at or before ``as_of``: its newest confirming
+        poll if that is not later, else the newest history poll since it started (polls
+        inside an interval's span are the polls that made it)."""
+        if self.checked_at is not None and self.checked_at <= as_of:
+            return self.checked_at
+        if polled is not None and self.started_at <= polled <= as_of:
+            return polled
+        return self.started_at
+
+
+def judgements_as_of(conn: Connection, as_of: datetime) -> dict[int, Judgement]:
+    """Per machine: the compliance interval covering ``as_of``."""
+    stmt = select(
+        INTERVAL.c.machine_pk,
+        INTERVAL.c.status,
+        _plain_column(INTERVAL.c.started_at),
+        _plain_column(INTERVAL.c.checked_at),
+        INTERVAL.c.pool_set_version,
+        INTERVAL.c.worker,
+        _plain_column(INTERVAL.c.pools),
+    ).where(
         INTERVAL.c.started_at <= as_of,
         or_(INTERVAL.c.ended_at.is_(None), INTERVAL.c.ended_at > as_of),
     )
-    return {pk: status for pk, status in conn.execute(stmt)}
+    out: dict[int, Judgement] = {}
+    for pk, status, started, checked, version, worker, pools in conn.execute(stmt):
+        start = _utc(started)
+        assert start is not None
+        out[pk] = Judgement(
+            status,
+            start,
+            _utc(checked),
+            version,
+            worker,
+            None if pools is None else _json_list(pools),
+        )
+    return out
 
 
 def measured_averages(
@@ -669,6 +704,15 @@ def approved_sets_as_of(session: Session, as_of: datetime) -> dict[int, PoolSetV
     for ps in session.exec(stmt):
         out[ps.site_id] = PoolSetView(ps.version, ps.name, tuple(ps.urls), ps.account)
     return out
+
+
+def _pool_set_versions(session: Session) -> dict[tuple[int, int], PoolSetView]:
+    """Every decided pool set by (site, version): the set a judgement was made against."""
+    decided = (PoolSetStatus.APPROVED, PoolSetStatus.SUPERSEDED)
+    return {
+        (ps.site_id, ps.version): PoolSetView(ps.version, ps.name, tuple(ps.urls), ps.account)
+        for ps in session.exec(orm_select(PoolSet).where(col(PoolSet.status).in_(decided)))
+    }
 
 
 def pools_text(pools: list[Any]) -> str:

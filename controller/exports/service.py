@@ -13,10 +13,11 @@ import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy import func, select
 from sqlmodel import Session
 
 from controller import audit
@@ -25,6 +26,7 @@ from controller.errors import ControllerError
 from controller.exports import audit_export, csv_writer, pdf_writer, xlsx_writer
 from controller.exports.compliance_report import (
     DEFAULT_REPEAT_THRESHOLD,
+    STALE_AFTER,
     ComplianceQuery,
     build_compliance,
 )
@@ -34,6 +36,7 @@ from controller.exports.register import RegisterQuery, build_register, register_
 from controller.exports.table import Document, utc_text
 from controller.models import LifecycleState, utcnow
 from controller.signing import SigningKey
+from controller.tables import VERSION
 
 ExportKind = Literal["register", "compliance", "audit"]
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -62,8 +65,13 @@ class ExportRequest:
     model: str | None = None
     repeat_threshold: int = DEFAULT_REPEAT_THRESHOLD
 
-    def problems(self) -> list[str]:
-        """What is wrong with the request itself (pure)."""
+    def problems(self, now: datetime | None = None) -> list[str]:
+        """What is wrong with the request itself, at ``now`` (default: the clock).
+
+        The register cannot be shown as it will stand: an ``as_of`` in the future is refused,
+        as is a period that has not begun. A period that ends in the future is accepted and
+        counted up to the moment the export is made (the cover says so)."""
+        now = now or utcnow()
         out = []
         allowed = FORMATS[self.kind]
         bad = [f for f in self.formats if f not in allowed]
@@ -76,8 +84,18 @@ class ExportRequest:
             out.append("a register export needs --as-of")
         if self.kind == "compliance" and self.period is None:
             out.append("a compliance report needs --period")
+        if self.as_of is not None and self.as_of > now:
+            out.append(
+                f"--as-of {utc_text(self.as_of)} is in the future (now is {utc_text(now)}): "
+                "the register can only be shown as it stood; use --as-of now"
+            )
         if self.period is not None and self.period[1] <= self.period[0]:
             out.append("the period must end after it starts")
+        elif self.period is not None and self.period[0] >= now:
+            out.append(
+                f"the period starts at {utc_text(self.period[0])}, in the future "
+                f"(now is {utc_text(now)}): there is nothing to count yet"
+            )
         if self.repeat_threshold < 1:
             out.append("the repeat-offender threshold must be at least 1")
         return out
@@ -108,6 +126,7 @@ class ExportResult:
     manifest: dict[str, Any]
     manifest_sha256: str
     rows: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # why a table is empty, what was clipped
 
 
 def prepare_folder(out: Path) -> None:
@@ -133,19 +152,21 @@ def run_export(
     *,
     resolution_s: int,
     progress: Progress | None = None,
+    stale_after: timedelta = STALE_AFTER,
 ) -> ExportResult:
     """Write the export into ``out`` (new or empty) and audit it; the caller commits."""
-    problems = request.problems()
+    generated_at = utcnow()
+    problems = request.problems(generated_at)
     if problems:
         raise ExportError("; ".join(problems))
     prepare_folder(out)
     report = progress or (lambda _f, _s: None)
     head = audit_export.chain_head(session)
-    generated_at = utcnow()
     report(0.05, "reading")
-    document = _document(session, request, head, resolution_s)
+    document = _document(session, request, head, resolution_s, generated_at, stale_after)
     document.cover.extend(_cover(request, actor, generated_at, head, document, key))
     rows = {t.name: len(t.rows) for t in document.tables}
+    notes = _notes(session, request, document, generated_at)
     steps = len(request.formats)
     for index, fmt in enumerate(request.formats):
         report(0.3 + 0.6 * index / steps, f"writing {fmt}")
@@ -157,6 +178,7 @@ def run_export(
         "generated_at": utc_text(generated_at),
         "rows": rows,
         "audit_chain_head": head,
+        **({"notes": notes} if notes else {}),
     }
     manifest = write_manifest(out, body, key)
     digest = hashlib.sha256((out / MANIFEST).read_bytes()).hexdigest()
@@ -176,7 +198,63 @@ def run_export(
         source=actor.source,
     )
     report(1.0, "done")
-    return ExportResult(folder=out, manifest=manifest, manifest_sha256=digest, rows=rows)
+    return ExportResult(
+        folder=out, manifest=manifest, manifest_sha256=digest, rows=rows, notes=notes
+    )
+
+
+def _notes(
+    session: Session, request: ExportRequest, document: Document, now: datetime
+) -> list[str]:
+    """What a reader must know to understand the rows: a period counted only up to now, and
+    why the main table is empty when it is."""
+    notes: list[str] = []
+    if request.period is not None and request.period[1] > now and request.kind == "compliance":
+        notes.append(
+            f"the period ends at {utc_text(request.period[1])}, after the export was made: "
+            f"time was counted up to {utc_text(now)}"
+        )
+    main = {"register": "register", "compliance": "compliance_machines"}.get(request.kind)
+    if main is None or any(t.rows for t in document.tables if t.name == main):
+        return notes
+    moment = (
+        request.as_of
+        if request.kind == "register"
+        else request.period[1]
+        if request.period
+        else None
+    )
+    assert moment is not None
+    conn = session.connection()
+    first = conn.execute(select(func.min(VERSION.c.valid_from))).scalar()
+    filters = ", ".join(
+        f"{name} {value}"
+        for name, value in (
+            ("site", request.site),
+            ("state", request.state.value if request.state else None),
+            ("model", request.model),
+        )
+        if value
+    )
+    if first is None:
+        notes.append("0 rows: the register is empty (no machine has been discovered or claimed)")
+    elif _aware(first) > moment:
+        notes.append(
+            f"0 rows: no machine was on the register at {utc_text(moment)}; the first "
+            f"register record is from {utc_text(_aware(first))}"
+        )
+    elif filters:
+        notes.append(f"0 rows: no machine matched {filters} at {utc_text(moment)}")
+    else:
+        notes.append(
+            "0 rows: no machine was seen and in service within the period up to "
+            f"{utc_text(min(moment, now))}"
+        )
+    return notes
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def zip_folder(folder: Path, target: Path) -> Path:
@@ -194,7 +272,12 @@ def zip_folder(folder: Path, target: Path) -> Path:
 
 
 def _document(
-    session: Session, request: ExportRequest, head: dict[str, Any], resolution_s: int
+    session: Session,
+    request: ExportRequest,
+    head: dict[str, Any],
+    resolution_s: int,
+    now: datetime,
+    stale_after: timedelta,
 ) -> Document:
     lang = request.lang
     if request.kind == "register":
@@ -215,7 +298,9 @@ def _document(
         assert request.period is not None
         report = build_compliance(
             session,
-            ComplianceQuery(request.period, request.site, request.repeat_threshold),
+            ComplianceQuery(
+                request.period, request.site, request.repeat_threshold, now, stale_after
+            ),
             lang,
         )
         tables = [report.sites, report.machines, report.incidents]
@@ -243,6 +328,8 @@ def _cover(
         cover.append(
             ("cover.period", f"{utc_text(request.period[0])} – {utc_text(request.period[1])}")
         )
+        if request.kind == "compliance" and request.period[1] > generated_at:
+            cover.append(("cover.counted_until", utc_text(generated_at)))
     filters = [
         f"{label(k, lang)}: {v}"
         for k, v in (

@@ -272,12 +272,16 @@ def test_unreachable_poll_opens_an_unknown_interval_with_the_error(farm: Farm) -
 
 def test_an_older_batch_replayed_late_does_not_rewrite_the_timeline(farm: Farm) -> None:
     farm.post(observations=[farm.poll(at(0), farm.good()), farm.poll(at(5), farm.good())])
-    farm.post(observations=[farm.poll(at(3), farm.evil())])  # older than the open interval? no
-    farm.post(observations=[farm.poll(at(2), farm.good())])  # older than the open one: ignored
+    # Older than the newest poll that confirmed the open interval (at 5): it cannot start a
+    # state that a newer poll already contradicts, so it is ignored, like one older than the
+    # interval's start.
+    farm.post(observations=[farm.poll(at(3), farm.evil())])
+    farm.post(observations=[farm.poll(at(2), farm.good())])
+    farm.post(observations=[farm.poll(at(6), farm.evil())])  # newer: a real change
     timeline = farm.timeline()
     assert intervals(timeline) == [
-        ("compliant", iso(at(0)), iso(at(3))),
-        ("non_compliant", iso(at(3)), None),
+        ("compliant", iso(at(0)), iso(at(6))),
+        ("non_compliant", iso(at(6)), None),
     ]
 
 

@@ -255,23 +255,42 @@ def history(engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch)
             ]
         )  # fmt: skip
 
-        def iv(letter: str, status: str, start: str, end: str | None) -> ComplianceInterval:
+        def iv(
+            letter: str,
+            status: str,
+            start: str,
+            end: str | None,
+            checked: str,
+            pools: list[dict[str, str]],
+            worker: str | None = None,
+        ) -> ComplianceInterval:
+            # as the evidence leaves it: what was judged (read-back, expected worker) and
+            # the newest poll that confirmed it
             return ComplianceInterval(machine_pk=pk[letter], status=status, started_at=t(start),
-                                      ended_at=t(end) if end else None)  # fmt: skip
+                                      ended_at=t(end) if end else None, checked_at=t(checked),
+                                      pools=pools,
+                                      worker=worker or f"northacct.{ids[letter]}")  # fmt: skip
 
+        def good(letter: str) -> list[dict[str, str]]:
+            return [{"url": V1_URLS[0], "user": f"northacct.{ids[letter]}"}]
+
+        d_pools = [{"url": S_URLS[0], "user": "southacct.SD-1"}]
         session.add_all(
             [
-                iv("A", "compliant", "2026-10-03T08:00", "2026-10-08T00:00"),
-                iv("A", "exempt", "2026-10-08T00:00", "2026-10-09T00:00"),
-                iv("A", "compliant", "2026-10-09T00:00", None),
-                iv("B", "compliant", "2026-10-03T08:00", "2026-10-11T00:00"),
-                iv("B", "unknown", "2026-10-11T00:00", "2026-10-11T06:00"),
-                iv("B", "compliant", "2026-10-11T06:00", None),
-                iv("C", "compliant", "2026-10-03T08:00", "2026-10-05T12:00"),
-                iv("C", "non_compliant", "2026-10-05T12:00", "2026-10-05T14:00"),
-                iv("C", "compliant", "2026-10-05T14:00", "2026-10-25T00:00"),
-                iv("C", "non_compliant", "2026-10-25T00:00", None),
-                iv("D", "compliant", "2026-10-03T08:00", "2026-10-20T10:00"),
+                iv("A", "compliant", "2026-10-03T08:00", "2026-10-08T00:00", "2026-10-07T23:55", good("A")),
+                iv("A", "exempt", "2026-10-08T00:00", "2026-10-09T00:00", "2026-10-08T23:55", good("A")),
+                iv("A", "compliant", "2026-10-09T00:00", None, "2026-10-31T23:50", good("A")),
+                iv("B", "compliant", "2026-10-03T08:00", "2026-10-11T00:00", "2026-10-10T23:55", good("B")),
+                iv("B", "unknown", "2026-10-11T00:00", "2026-10-11T06:00", "2026-10-11T05:55", []),
+                iv("B", "compliant", "2026-10-11T06:00", None, "2026-10-31T23:50", good("B")),
+                iv("C", "compliant", "2026-10-03T08:00", "2026-10-05T12:00", "2026-10-05T11:55", good("C")),
+                iv("C", "non_compliant", "2026-10-05T12:00", "2026-10-05T14:00", "2026-10-05T12:00",
+                   [{"url": EVIL, "user": "thief.1"}]),
+                iv("C", "compliant", "2026-10-05T14:00", "2026-10-25T00:00", "2026-10-24T23:55", good("C")),
+                iv("C", "non_compliant", "2026-10-25T00:00", None, "2026-10-31T23:50",
+                   [{"url": EVIL, "user": "thief.1"}]),
+                iv("D", "compliant", "2026-10-03T08:00", "2026-10-20T10:00", "2026-10-20T09:55", d_pools,
+                   "southacct.SD-1"),
                 DriftIncident(machine_pk=pk["C"], site_id=north_id, detected_at=t("2026-10-05T12:00"),
                               problems=["wrong_pool"], action="write", action_at=t("2026-10-05T12:01"),
                               verified_at=t("2026-10-05T14:00"), outcome="verified",
@@ -322,24 +341,29 @@ def expected_register(ids: dict[str, str], as_of: str) -> list[dict[str, str]]:
         "operating_hours": "0.17",
         "configured_pools": f"{V1_URLS[0]} (northacct.{ids['A']})",
         "worker_name": f"northacct.{ids['A']}",
-        "last_pool_check": "2026-10-20T00:00:00Z" if late else "2026-10-11T00:05:00Z",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-11T00:05:00Z",
         "record_version": "4" if late else "3",
     }  # fmt: skip
     b = base_n | {
         "machine_id": ids["B"], "label_serial": "SB-0002", "reported_serial": "SB-0002",
         "control_board_serial": "CBB1", "mac": "aa:00:00:00:00:02", "slot": "2",
         "ip": "127.0.10.22", "avg_hashrate_ths": "", "avg_power_w": "",
-        "operating_hours": "0.00", "configured_pools": "", "worker_name": f"northacct.{ids['B']}",
-        "last_pool_check": "", "record_version": "4",
+        "operating_hours": "0.00", "configured_pools": f"{V1_URLS[0]} (northacct.{ids['B']})",
+        "worker_name": f"northacct.{ids['B']}",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-11T06:00:00Z",
+        "record_version": "4",
     }  # fmt: skip
     c = base_n | {
         "machine_id": ids["C"], "label_serial": "SC-LABEL-3", "reported_serial": "SC-0003",
         "serial_mismatch": "yes", "control_board_serial": "CBC1", "mac": "aa:00:00:00:00:03",
         "slot": "3", "ip": "127.0.10.13", "avg_hashrate_ths": "95.50", "avg_power_w": "3250",
-        "operating_hours": "0.08", "configured_pools": f"{EVIL} (thief.1)",
+        "operating_hours": "0.08",
+        # the read-back the status was judged on, never a poll of another judgement
+        "configured_pools": f"{EVIL} (thief.1)" if late else f"{V1_URLS[0]} (northacct.{ids['C']})",
         "worker_name": f"northacct.{ids['C']}",
         "pool_compliance": "non-compliant" if late else "compliant",
-        "last_pool_check": "2026-10-05T12:00:00Z", "record_version": "3",
+        "last_pool_check": "2026-10-31T23:50:00Z" if late else "2026-10-05T14:00:00Z",
+        "record_version": "3",
     }  # fmt: skip
     d = {
         "machine_id": ids["D"], "vendor": "MicroBT", "model": "Whatsminer M50",
@@ -350,9 +374,12 @@ def expected_register(ids: dict[str, str], as_of: str) -> list[dict[str, str]]:
         "container": "C7", "rack": "R2", "shelf": "S4", "slot": "10", "ip": "127.0.20.5",
         "nominal_ths": "118.00", "nominal_w": "3276", "avg_hashrate_ths": "",
         "avg_power_w": "", "operating_hours": "0.00",
-        "approved_pool_set": "DMP-S v1: " + S_URLS[0], "configured_pools": "",
-        "worker_name": "southacct.SD-1",
-        "pool_compliance": "unknown" if late else "compliant", "last_pool_check": "",
+        "approved_pool_set": "DMP-S v1: " + S_URLS[0],
+        # decommissioned: nothing judged covers the later date, so nothing is shown for it
+        "configured_pools": "" if late else f"{S_URLS[0]} (southacct.SD-1)",
+        "worker_name": "" if late else "southacct.SD-1",
+        "pool_compliance": "unknown" if late else "compliant",
+        "last_pool_check": "" if late else "2026-10-03T08:00:00Z",
         "lifecycle_state": "decommissioned" if late else "active",
         "state_since": "2026-10-20T10:00:00Z" if late else "2026-10-03T08:00:00Z",
         "commissioned_at": "2026-10-02T09:00:00Z",
