@@ -39,12 +39,19 @@ from controller.ingest import ingest_batch
 from controller.models import Agent, PoolSet, PoolSetStatus, Segment, Site
 from controller.settings import Settings
 from tests.controller.conftest import CliInvoker
-from tests.controller.test_exports import cli_verify, history, read_csv  # noqa: F401
+from tests.controller.test_exports import cli_verify, history, officer, read_csv  # noqa: F401
 
 HOSTILE_SERIAL = '=HYPERLINK("HTTP://EVIL.EXAMPLE/X","SERIAL")'  # serials are kept upper-case
 HOSTILE_URL = "-2+3+cmd|' /C calc'!A0"
 HOSTILE_WORKER = "@SUM(1+1)*cmd|' /C calc'!A0"
 T0 = datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _exports_act_as_an_officer(request: pytest.FixtureRequest) -> None:
+    """Exports are attributed: the CLI acts as a compliance officer's personal token."""
+    if "cli" in request.fixturenames:
+        request.getfixturevalue("officer")
 
 
 def test_neutralise_follows_the_owasp_rule() -> None:

@@ -69,10 +69,16 @@ def wait_for(what: str, check: Any, timeout: float, every: float = 1.0) -> Any:
 
 
 def export(data_dir: Path, out: Path, *args: str) -> str:
+    """Export as the demo's compliance officer (exports are attributed to a named user)."""
+    logins = (data_dir.parent / "logins.txt").read_text().splitlines()
+    [password] = [
+        line.rsplit("password ", 1)[1] for line in logins if line.startswith("compliance-a ")
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "asicfleet", "controller", "--data-dir", str(data_dir),
-         "export", *args, "--format", "csv", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+         "export", *args, "--format", "csv", "--out", str(out),
+         "--as", "compliance-a", "--password-stdin"],
+        input=password, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
