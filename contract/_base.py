@@ -19,8 +19,6 @@ def _aware(value: datetime) -> datetime:
 
 AwareDatetime = Annotated[datetime, AfterValidator(_aware)]
 
-MAX_NESTING = 16  # free-form facts (event data) never need more; 500 levels broke every reader
-
 
 def nesting_problem(value: Any, limit: int) -> str | None:
     """Why ``value`` (parsed JSON) nests deeper than ``limit``, or None; iterative, so it cannot
@@ -36,13 +34,6 @@ def nesting_problem(value: Any, limit: int) -> str | None:
     return None
 
 
-def _shallow(value: dict[str, Any]) -> dict[str, Any]:
-    if problem := nesting_problem(value, MAX_NESTING):
-        raise ValueError(problem)
-    return value
-
-
-ShallowDict = Annotated[dict[str, Any], AfterValidator(_shallow)]
 Version = Annotated[str, AfterValidator(check_version)]
 
 

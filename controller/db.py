@@ -63,16 +63,19 @@ def make_private(path: Path) -> None:
 
     SQLite creates its ``-wal`` and ``-shm`` files with the database file's mode, so they
     follow; whatever the process umask, the data is readable by its owner only.
+
+    An existing database is never opened here, only chmod-ed: closing any descriptor of a
+    file drops every POSIX lock this process holds on it, so opening and closing the file
+    beside a live engine would strip that engine's locks and let writers corrupt it.
     """
     try:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, mode=0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
         for suffix in ("-wal", "-shm", "-journal"):
             side = path.with_name(path.name + suffix)
             if side.exists() and side.stat().st_mode & 0o077:

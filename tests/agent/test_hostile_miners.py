@@ -131,8 +131,13 @@ def test_cleaning_is_bounded_marked_and_named() -> None:
         "hashboard serial 1: 1 invalid character(s) replaced (lone surrogate)",
     )
     identity.to_record()  # the contract takes it (it refused the raw values)
-    with pytest.raises(ValueError):
-        IdentityRecord(ip="127.0.0.1", observed_at="2026-01-01T00:00Z", serial=LONG_SERIAL)  # type: ignore[arg-type]
+    # The contract applies the same rule to whatever reaches it unbounded: cut, marked, noted.
+    raw = IdentityRecord(ip="127.0.0.1", observed_at="2026-01-01T00:00Z", serial=LONG_SERIAL)  # type: ignore[arg-type]
+    assert raw.serial == identity.serial
+    assert raw.cleaned == [
+        "serial: 1 invalid character(s) replaced (lone surrogate)",
+        "serial: cut from 301 to 128 characters",
+    ]
 
 
 # --- item 3: miner strings are data --------------------------------------------------------------
@@ -206,7 +211,8 @@ async def test_unusable_kept_identity_fails_that_miner_alone(
         await shard.inject_fault(victim, Fault.OFFLINE, {})
         cycle = await agent.poll_cycle()
         assert cycle.ok == 2 and cycle.failed == 1
-        assert cycle.errors[victim].startswith("error: ValidationError: 1 validation error for ")
+        # The contract cleans what the boundary missed: the miner's failure is its real cause.
+        assert cycle.errors[victim].startswith("unreachable: "), cycle.errors[victim]
         assert "\n" not in cycle.errors[victim]
         _, observations, _ = outbox_items(outbox)
     assert {str(o.ip) for o in observations} == set(shard.miners)
