@@ -26,8 +26,9 @@ from typing import Annotated
 import typer
 from sqlmodel import Session, select
 
+from controller import login_throttle
 from controller.api.policy import ROUTE_ACCESS
-from controller.cli.context import fail
+from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
 from controller.models import ApiToken, Role, User, utcnow
 from controller.pool_policy import CliUser
@@ -192,22 +193,36 @@ def user_for_token(session: Session, secret: str) -> tuple[User, ApiToken] | Non
     return user, row
 
 
-def _check_password(session: Session, name: str, password: str) -> CliUser | None:
+CLI_SOURCE = "cli"
+"""The address a console login counts against (the API counts the client's address)."""
+
+
+def _check_password(
+    session: Session, name: str, password: str, policy: login_throttle.ThrottlePolicy
+) -> CliUser | None:
+    """The user, if the password is right; behind the same throttle as the API's login, so
+    the console is no way around a lockout (raises :class:`LoginThrottled`)."""
     from controller.accounts import _decoy_hash
 
+    now = utcnow()
+    login_throttle.check(session, name, CLI_SOURCE, now)
     user = session.exec(select(User).where(User.name == name)).first()
     if user is None:
         verify_password(_decoy_hash(), password)  # same time whether the name exists or not
+        login_throttle.record_failure(session, policy, name, CLI_SOURCE, now)
         return None
     if user.disabled or not verify_password(user.password_hash, password):
+        login_throttle.record_failure(session, policy, name, CLI_SOURCE, now)
         return None
+    login_throttle.record_success(session, name)
     return CliUser(name=user.name, role=Role(user.role))
 
 
 def by_password(ctx: typer.Context, credential: ByPassword) -> CliUser:
     """The user named in ``credential``, proven by their password (exit 1 if it is wrong)."""
     name, password = credential.name, _password(credential)
-    found = _run(ctx, lambda s: _check_password(s, name, password))
+    policy = login_throttle.ThrottlePolicy.of(context(ctx).settings())
+    found = _run(ctx, lambda s: _check_password(s, name, password, policy))
     if found is None:
         fail(f"--as {name}: invalid user name or password")
     return found

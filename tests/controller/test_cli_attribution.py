@@ -131,6 +131,21 @@ def test_a_wrong_password_or_role_fails_cleanly(
     assert [e.actor for e in audit_entries(engine)] == ["olga"]
 
 
+def test_the_console_is_no_way_around_a_login_lockout(
+    cli: CliInvoker, engine: Engine, people: dict[str, TestUser]
+) -> None:
+    """Guessing olga's password at the console counts like guessing it at the API."""
+    add_site(engine, "alpha")
+    args = ["policy", "set", "alpha", "--canary-size", "3", "--as", "olga", "--password-stdin"]
+    for _ in range(5):  # login_max_failures_per_user
+        wrong = cli(*args, input="a guess\n")
+        assert wrong.stderr == "error: --as olga: invalid user name or password\n"
+    right = cli(*args, input=DEFAULT_PASSWORD + "\n")
+    assert right.exit_code == 1
+    assert right.stderr.startswith("error: too many failed logins; try again in ")
+    assert [e.action for e in audit_entries(engine)] == ["auth.lockout"]
+
+
 def test_login_stores_a_private_token_that_later_commands_use(
     cli: CliInvoker,
     engine: Engine,
