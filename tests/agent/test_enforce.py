@@ -1,8 +1,10 @@
 """Enforcement against a real simulated farm: the simulator's true state is the judge.
 
 A FleetAgent with a PolicyGuard (bundles signed with a test key) polls a small mixed farm;
-each poll cycle ends with an enforcement pass. Every test checks what the miners truly run
-(``shard.miner(ip)``) and what the simulator's request logs recorded, not what the agent says.
+each poll cycle is followed by the enforcement pass over its observations (in the daemon the
+action worker runs it apart from the poll; :func:`cycle` awaits it so the test can judge).
+Every test checks what the miners truly run (``shard.miner(ip)``) and what the simulator's
+request logs recorded, not what the agent says.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
 from agent.config import AgentConfig, AgentSecrets
-from agent.daemon import Daemon, FleetAgent
+from agent.daemon import CycleReport, Daemon, FleetAgent
 from agent.enforce.executor import EnforcerSettings
 from agent.enforce.oneshot import enforce_once
 from agent.outbox import Outbox
@@ -90,6 +92,9 @@ class Site:
         )
         return self.key.sign_bundle(bundle)
 
+    async def cycle(self) -> CycleReport:
+        return await cycle(self.agent)
+
     async def enforce(self, **changes: Any) -> None:
         assert await self.agent.offer_policy(self.bundle(**changes))
 
@@ -121,6 +126,14 @@ class Site:
 
 
 SiteFactory = Callable[..., Any]
+
+
+async def cycle(agent: FleetAgent) -> CycleReport:
+    """One poll cycle, then the enforcement pass over what it offered."""
+    report = await agent.poll_cycle()
+    enforced = await agent.enforce_pending()
+    report.enforcement = enforced.summary() if enforced is not None else None
+    return report
 
 
 @pytest.fixture
@@ -177,7 +190,7 @@ async def test_enforce_corrects_foreign_pools_and_verifies_by_reading_back(
     )
     await s.tamper(*tampered)
     await s.enforce()
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     for ip in s.ips():
         assert s.true_pools(ip) == s.approved(ip), ip  # the simulator's true state
     assert cycle.enforcement is not None
@@ -202,7 +215,7 @@ async def test_enforce_corrects_foreign_pools_and_verifies_by_reading_back(
         if str(o.ip) == tampered[0] and o.pools and o.pools[0].url == DEFAULT_POOLS[0]
     ]
     assert readbacks
-    second = await s.agent.poll_cycle()
+    second = await s.cycle()
     assert second.enforcement is not None and second.enforcement["written"] == 0
     assert second.enforcement["compliant"] == len(s.ips())
     assert len(s.events("pool_drift")) == len(tampered)  # one incident each, not per cycle
@@ -216,7 +229,7 @@ async def test_observe_mode_writes_nothing(site: SiteFactory) -> None:
         await s.shard.clear_log(ip)
     await s.enforce(mode=EnforcementMode.OBSERVE)
     for _ in range(2):
-        cycle = await s.agent.poll_cycle()
+        cycle = await s.cycle()
         assert cycle.enforcement is not None and cycle.enforcement["drift"] == len(tampered)
     for ip in s.ips():
         assert await s.writes(ip) == [], ip
@@ -237,7 +250,7 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     await s.shard.inject_fault(hidden, Fault.HIDDEN_POOL, {})
     await s.tamper(ignored, after_reboot, wrong_login)
     await s.enforce(rollout=RolloutPolicy(canary_size=10, max_failure_rate=1.0))
-    await s.agent.poll_cycle()
+    await s.cycle()
 
     def causes(ip: str) -> list[str]:
         return [e.data["cause"] for e in s.events("pool_write_failed", ip)]
@@ -252,7 +265,7 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     cycles = 1
     for _ in range(8):  # the rebooted miners come back (polls back off while they are down)
         await asyncio.sleep(1.0)
-        await s.agent.poll_cycle()
+        await s.cycle()
         cycles += 1
         if causes(ignored)[-1:] == ["write_ignored"] and s.events("pool_verified", after_reboot):
             break
@@ -278,20 +291,20 @@ async def test_canary_failure_halts_the_rollout(site: SiteFactory) -> None:
         await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
     await s.tamper(*tampered)
     await s.enforce()
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
     halted = s.events("rollout_halted")
     assert len(halted) == 1 and halted[0].severity == "critical"
     for ip in tampered[3:]:  # never attempted, and said so
         assert await s.writes(ip) == []
         assert [e.data["cause"] for e in s.events("pool_write_failed", ip)] == ["rollout_halted"]
-    await s.agent.poll_cycle()
+    await s.cycle()
     for ip in tampered[3:]:
         assert await s.writes(ip) == []  # still halted under this version
     await s.enforce()  # a new version: a new canary (the healthy ones now lead)
     for ip in tampered[:3]:
         await s.shard.clear_fault(ip, Fault.WRITE_IGNORED)
-    await s.agent.poll_cycle()
+    await s.cycle()
     for ip in tampered[3:]:
         assert s.true_pools(ip) == s.approved(ip)
 
@@ -303,14 +316,14 @@ async def test_quarantine_sleeps_an_unregistered_miner_and_wakes_it_when_claimed
     ip = s.ips("whatsminer")[0]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is Mode.SLEEP
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
-    await s.agent.poll_cycle()  # asleep: nothing more to do
+    await s.cycle()  # asleep: nothing more to do
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is not Mode.SLEEP
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
     for other in set(s.ips()) - {ip}:
@@ -323,11 +336,11 @@ async def test_malware_is_corrected_every_time(site: SiteFactory) -> None:
     await s.shard.inject_fault(ip, Fault.MALWARE, {"delay": 1.0})
     await s.tamper(ip)
     await s.enforce()
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.true_pools(ip) == s.approved(ip)
     await asyncio.sleep(1.2)  # the malware puts its pool back
     assert s.true_pools(ip) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.true_pools(ip) == s.approved(ip)
     kinds = [e.kind for e in s.events(ip=ip)]
     assert kinds == ["pool_drift", "pool_write", "pool_verified"] * 2  # two incidents
@@ -544,7 +557,7 @@ async def test_a_later_wave_failing_halts_the_rollout(site: SiteFactory) -> None
         await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
     await s.tamper(*ips)
     await s.enforce(rollout=RolloutPolicy(canary_size=2, max_failure_rate=0.3))
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
     [halted] = s.events("rollout_halted")
     assert halted.severity == "critical"
@@ -561,7 +574,7 @@ async def test_healthy_waves_write_everyone_in_one_cycle(site: SiteFactory) -> N
     s: Site = await site()
     await s.tamper(*s.ips())
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0))
-    cycle = await s.agent.poll_cycle()  # waves of 1, 4, 8, 7
+    cycle = await s.cycle()  # waves of 1, 4, 8, 7
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is False
     assert cycle.enforcement["verified"] == len(s.ips())
     canary = [e for e in s.events("pool_write") if "(canary)" in (e.detail or "")]
@@ -632,7 +645,7 @@ async def test_a_miner_dark_for_the_first_read_backs_is_verified_by_a_later_one(
     s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, restart, back)
     await s.tamper(ip)
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0, verify_attempts=3))
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert dark == [True, True, False]
     assert s.true_pools(ip) == s.approved(ip)
     [verified] = s.events("pool_verified", ip)
@@ -657,7 +670,7 @@ async def test_a_miner_restarting_after_a_write_is_not_rebooted_or_called_ignore
     s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, nothing, reboot_itself)
     await s.tamper(ip)
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=1.0, verify_attempts=3))
-    await s.agent.poll_cycle()
+    await s.cycle()
     failed = s.events("pool_write_failed", ip)
     assert [e.data["cause"] for e in failed] == ["unreachable"]
     assert failed[0].data["attempts"] == 3
@@ -667,7 +680,7 @@ async def test_a_miner_restarting_after_a_write_is_not_rebooted_or_called_ignore
     assert pool_writes >= 1
     for _ in range(10):  # it comes back on the approved pools: verified, not written again
         await asyncio.sleep(0.5)
-        await s.agent.poll_cycle()
+        await s.cycle()
         if s.events("pool_verified", ip):
             break
     [verified] = s.events("pool_verified", ip)
@@ -684,7 +697,7 @@ async def test_a_miner_quarantined_before_a_restart_is_woken_when_claimed(
     ip = s.ips("whatsminer")[0]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is Mode.SLEEP
     record = tmp_path / "quarantine.json"
     assert stat.S_IMODE(record.stat().st_mode) == 0o600
@@ -697,7 +710,7 @@ async def test_a_miner_quarantined_before_a_restart_is_woken_when_claimed(
     assert (await restarted.discover()).identified == 8
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     assert await restarted.offer_policy(s.bundle(quarantine_unregistered=True))
-    await restarted.poll_cycle()
+    await cycle(restarted)
     assert s.shard.miner(ip).mode is not Mode.SLEEP  # the simulator's true state
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
     assert json.loads(record.read_text())["slept"] == []
@@ -720,7 +733,7 @@ async def test_a_miner_quarantined_by_a_one_shot_run_is_woken_by_the_daemon(
 
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()  # the daemon never slept it itself, yet wakes it
+    await s.cycle()  # the daemon never slept it itself, yet wakes it
     assert s.shard.miner(ip).mode is not Mode.SLEEP
     released = [e for e in s.events("released") if str(e.ip) == ip]
     assert len(released) == 1
