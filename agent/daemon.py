@@ -427,7 +427,7 @@ class FleetAgent:
         if not observations:
             return None
         result = await self.enforce(observations, new_cycle=new_cycle)
-        if result is not None and len(result.report):
+        if result is not None and len(result.report):  # what the pass did not store itself
             await self.store(result.report)
         return result
 
@@ -459,7 +459,9 @@ class FleetAgent:
         if bundle is None:
             return None
         try:
-            result = await self.enforcer.run(bundle, observations, new_cycle=new_cycle)
+            result = await self.enforcer.run(
+                bundle, observations, new_cycle=new_cycle, sink=self.store
+            )
         except Exception:  # one bad pass must not end the worker
             log.exception("enforcement pass failed")
             return None

@@ -53,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -336,10 +336,15 @@ class Enforcer:
         now: datetime | None = None,
         dry_run: bool = False,
         new_cycle: bool = True,
+        sink: Callable[[Report], Awaitable[object]] | None = None,
     ) -> EnforcementResult:
         """Decide for every observation and, in enforce mode (not a dry run), act.
         ``new_cycle``: the observations include a full poll's; backoffs count these passes
-        only (a pass triggered by the drift check alone does not shorten them)."""
+        only (a pass triggered by the drift check alone does not shorten them). ``sink``: store
+        the pass's events and read-backs as they happen (the decisions' events before the first
+        write, each machine's once its write has ended), so that a pass cut off by a kill has
+        already reported every write that ended; what the sink took is not in the result's
+        ``report``."""
         if new_cycle or self.passes == 0:
             self.passes += 1
         now = now or utcnow()
@@ -347,7 +352,7 @@ class Enforcer:
         index = self.machine_index(bundle) if bundle is not None else None
         act = policy is not None and policy.mode is EnforcementMode.ENFORCE and not dry_run
         self.quarantine.reload()
-        ctx = _Context(self, bundle, policy, act, dry_run)
+        ctx = _Context(self, bundle, policy, act, dry_run, sink)
         result = ctx.result
         result.policy_version = bundle.version if bundle is not None else None
         result.mode = str(policy.mode) if policy is not None else None
@@ -355,8 +360,11 @@ class Enforcer:
             view = self.view_of(observation)
             decision = decide(policy, view, now, index=index)
             ctx.handle(observation, view, decision)
+        await ctx.flush()
         await ctx.act_on_sleep_and_wake()
+        await ctx.flush()
         await ctx.write_all()
+        await ctx.flush()
         ctx.finish()
         self.last = result
         return result
@@ -499,8 +507,10 @@ class _Context:
         policy: PolicyContent | None,
         act: bool,
         dry_run: bool,
+        sink: Callable[[Report], Awaitable[object]] | None = None,
     ) -> None:
         self.enforcer = enforcer
+        self.sink = sink
         self.settings = enforcer.settings
         self.bundle = bundle
         self.policy = policy
@@ -522,6 +532,23 @@ class _Context:
         )
 
     # --- events ---------------------------------------------------------------------------------
+
+    async def flush(self, ips: Iterable[str] | None = None) -> None:
+        """Hand the events and read-backs of ``ips`` (None: everyone) to the sink, in IP order
+        (each machine's in the order they happened). Without a sink they stay for the result."""
+        if self.sink is None:
+            return
+        chosen = sorted(
+            set(self.events) | set(self.readbacks) if ips is None else set(ips), key=IPv4Address
+        )
+        out = Report()
+        for ip in chosen:
+            out.events.extend(self.events.pop(ip, ()))
+            readback = self.readbacks.pop(ip, None)
+            if readback is not None:
+                out.observations.append(readback)
+        if len(out):
+            await self.sink(out)
 
     def facts(self, machine_id: str | None, **values: Any) -> dict[str, Any]:
         pool_set = self.policy.pool_set if self.policy is not None else None
@@ -917,7 +944,7 @@ class _Context:
             for w in written
             if w.memory.incident is not None and w.memory.incident.failed
         ]
-        self.emit(
+        halted = self.emit(
             str(written[0].observation.ip),
             EnforcementEvent.ROLLOUT_HALTED,
             f"policy version {self.key[0]}: {failed} of {attempted} write(s) failed by "
@@ -929,6 +956,7 @@ class _Context:
             rollout_attempted=attempted,
             rollout_failed=failed,
         )
+        log.critical("%s", halted.detail)
         for write in rest:
             ip = str(write.observation.ip)
             self.fail(
@@ -968,6 +996,7 @@ class _Context:
                     return await self._write_and_verify(write, attempts)
                 finally:
                     write.memory.acted_at = utcnow()
+                    await self.flush([str(write.observation.ip)])
         except Exception as exc:  # a driver bug must not end the pass for everyone else
             log.exception("enforcement write to %s failed unexpectedly", write.observation.ip)
             ip = str(write.observation.ip)
@@ -1183,6 +1212,3 @@ class _Context:
         for ip in sorted(self.readbacks, key=IPv4Address):
             result.report.observations.append(self.readbacks[ip])
         result.outcomes = [self.outcomes[ip] for ip in sorted(self.outcomes, key=IPv4Address)]
-        halted = [e for e in result.report.events if e.kind == EnforcementEvent.ROLLOUT_HALTED]
-        if halted:
-            log.critical("%s", halted[0].detail)
