@@ -77,6 +77,9 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 STATUS_VERSION = 1
 STATUS_INTERVAL_S = 5.0
+JOURNAL_KEEP = timedelta(days=7)
+"""Finished actions stay in the journal this long (the evidence is the events, not the
+journal); pruned at start and then hourly by the action worker."""
 MAX_HELD_BATCHES = 1000
 """Batches kept in memory while the outbox cannot take them (disk full); beyond this the
 oldest held batches lose their observations, never their identities or events."""
@@ -251,6 +254,7 @@ class FleetAgent:
         self._offered: dict[str, Observation] = {}
         self._offered_cycle = False
         self._recovered = False
+        self._pruned_at: datetime | None = None
 
     # --- policy ---------------------------------------------------------------------------------
 
@@ -436,6 +440,7 @@ class FleetAgent:
         pass each time observations are offered, until ``stop``."""
         try:
             await self.recover()
+            await self.prune_journal()
         except Exception:
             log.exception("recovering the action journal failed")
         while not stop.is_set():
@@ -448,8 +453,19 @@ class FleetAgent:
                 break
             try:
                 await self.enforce_pending()
+                await self.prune_journal()
             except Exception:  # the worker must outlive one bad pass
                 log.exception("enforcement pass failed")
+
+    async def prune_journal(self) -> None:
+        """Forget finished actions older than :data:`JOURNAL_KEEP` (at most hourly)."""
+        now = utcnow()
+        if self._pruned_at is not None and now - self._pruned_at < timedelta(hours=1):
+            return
+        self._pruned_at = now
+        pruned = await asyncio.to_thread(self.journal.prune, now - JOURNAL_KEEP)
+        if pruned:
+            log.info("actions: %d finished action(s) older than %s pruned", pruned, JOURNAL_KEEP)
 
     async def enforce(
         self, observations: list[Observation], *, new_cycle: bool = True

@@ -209,3 +209,15 @@ def test_a_corrupt_journal_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="cannot open the action journal"):
         Journal(path)
     assert path.read_bytes().startswith(b"not a database")
+
+
+def test_pruning_forgets_old_finished_actions_never_unfinished_ones(tmp_path: Path) -> None:
+    old = utcnow() - timedelta(days=30)
+    done, open_ = Action(ActionKind.SET_POOLS, "127.0.0.1"), Action(ActionKind.REBOOT, "127.0.0.2")
+    with Journal(tmp_path / "actions.sqlite3") as journal:
+        for action in (done, open_):
+            journal.plan(action, old)
+            journal.dispatch(action.id, old)
+        journal.finish(done.id, True, None, "", old)
+        assert journal.prune(utcnow() - timedelta(days=7)) == 1
+        assert [e.action.id for e in journal.entries()] == [open_.id]
