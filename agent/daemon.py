@@ -49,6 +49,7 @@ import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 
 from agent.actions import ActionRunner, ActionSettings, Journal
+from agent.actions.kinds import miner_names
 from agent.config import AgentConfig, AgentSecrets, atomic_write
 from agent.coordinator import (
     CoordinatorSettings,
@@ -292,6 +293,7 @@ class FleetAgent:
             identities=[result.found[ip].to_record(now) for ip in decision.added],
             events=list(decision.events),
         )
+        self.log_events(out.events)
         report.stored = await self.store(out)
         report.duration_s = result.duration_s
         report.probed = result.probed
@@ -368,6 +370,7 @@ class FleetAgent:
             if skip.observation is not None:
                 out.observations.append(skip.observation)
         out.observations.sort(key=lambda o: o.ip)
+        self.log_events(out.events)
         report.identities = len(out.identities)
         report.observations = len(out.observations)
         report.events = len(out.events)
@@ -394,6 +397,23 @@ class FleetAgent:
             report.duration_s,
         )
         return report
+
+    def log_events(self, events: list[Event]) -> None:
+        """One log line per event about a miner (unavailable, recovered, identity changed …),
+        naming it by IP, serial and machine id when known."""
+        bundle = self.policy.current if self.policy is not None else None
+        index = self.enforcer.machine_index(bundle) if bundle is not None else None
+        for event in events:
+            if event.ip is None:
+                continue
+            ip = str(event.ip)
+            record = self.coordinator.record_of(ip)
+            identity = record.identity if record is not None else None
+            serial = identity.serial if identity is not None else None
+            machine = index.find(serial, identity.mac) if index and identity else None
+            level = logging.INFO if event.severity == EventSeverity.INFO else logging.WARNING
+            names = miner_names(ip, serial, machine.machine_id if machine else None)
+            log.log(level, "%s on %s: %s", event.kind, names, event.detail)
 
     # --- enforcement: the action worker ---------------------------------------------------------
 

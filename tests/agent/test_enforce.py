@@ -950,3 +950,41 @@ async def test_the_daemon_checks_pools_on_its_own_cadence(
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 60)
+
+
+async def test_every_drift_write_and_failure_is_one_log_line_naming_the_miner(
+    site: SiteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    s: Site = await site(miners=8)
+    hijacked, dark = s.ips("antminer")[0], s.ips("whatsminer")[0]
+    await s.enforce()
+    await s.cycle()
+    await s.tamper(hijacked)
+    await s.shard.inject_fault(dark, Fault.OFFLINE, {})
+    caplog.clear()
+    caplog.set_level("INFO")
+    await s.cycle()
+
+    def lines(ip: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f"ip={ip} " in r.getMessage()]
+
+    def names(ip: str) -> str:
+        serial = s.shard.miner(ip).reported_serial()
+        return f"ip={ip}" + (f" serial={serial}" if serial else "")
+
+    machine = s.machines[hijacked].machine_id
+    said = lines(hijacked)
+    assert any(
+        line.startswith(f"pool drift on {names(hijacked)} machine={machine}:") for line in said
+    )
+    assert any(
+        line.startswith(f"write set_pools to {names(hijacked)} machine={machine}") for line in said
+    )
+    assert any(
+        line.startswith(f"pool_verified on {names(hijacked)} machine={machine}") for line in said
+    )
+    [unavailable] = [line for line in lines(dark) if line.startswith("miner_unavailable")]
+    assert unavailable.startswith(
+        f"miner_unavailable on {names(dark)} machine={s.machines[dark].machine_id}: "
+    )
+    assert all("\n" not in line for line in said)
