@@ -21,7 +21,9 @@ A config file::
     ca_path = "/etc/asicfleet/controller-ca.pem"         # optional: private CA for TLS
 
     [polling]     # poll_interval_s, identity_interval_s, discovery_interval_s,
-                  # concurrency_per_segment, miner_timeout_s
+                  # concurrency_per_segment, miner_timeout_s, pools_check_interval_s
+    [actions]     # concurrency_per_segment, wave_size, wave_pause_s, deadline_s,
+                  # retries, retry_backoff_s, retry_backoff_max_s, journal
     [uplink]      # timeout_s, backoff_initial_s, backoff_max_s
     [outbox]      # path, batch_size
 
@@ -162,6 +164,12 @@ class PollingConfig(_Section):
     discovery_interval_s: float = Field(default=1800.0, ge=1, le=7 * 86400)
     concurrency_per_segment: int = Field(default=128, ge=1, le=4096)
     miner_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    pools_check_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="the pools-only drift check between full polls (0: off)",
+    )
 
     @model_validator(mode="after")
     def _check_cadences(self) -> PollingConfig:
@@ -195,6 +203,30 @@ class UplinkConfig(_Section):
         return self
 
 
+class ActionsConfig(_Section):
+    """How writes to miners (pools, reboot, power, sleep/wake) are worked: the action queue."""
+
+    concurrency_per_segment: int = Field(default=16, ge=1, le=4096)
+    wave_size: int = Field(
+        default=0, ge=0, le=100_000, description="actions per segment per wave (0: no waves)"
+    )
+    wave_pause_s: float = Field(default=0.0, ge=0, le=3600, description="pause between waves")
+    deadline_s: float = Field(default=120.0, gt=0, le=3600, description="per action")
+    retries: int = Field(default=2, ge=0, le=10, description="of an idempotent action")
+    retry_backoff_s: float = Field(default=1.0, gt=0, le=3600)
+    retry_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+    journal: Path = Field(default=Path("actions.sqlite3"), description="relative to data_dir")
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> ActionsConfig:
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ValueError(
+                f"retry_backoff_max_s ({self.retry_backoff_max_s:g}) must not be below "
+                f"retry_backoff_s ({self.retry_backoff_s:g})"
+            )
+        return self
+
+
 class OutboxConfig(_Section):
     """The durable queue of report batches."""
 
@@ -217,6 +249,7 @@ class AgentConfig(_Section):
     polling: PollingConfig = Field(default_factory=PollingConfig)
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
 
     @field_validator("segments", mode="before")
     @classmethod
@@ -242,6 +275,11 @@ class AgentConfig(_Section):
     @property
     def outbox_path(self) -> Path:
         path = self.outbox.path
+        return path if path.is_absolute() else self.data_dir / path
+
+    @property
+    def journal_path(self) -> Path:
+        path = self.actions.journal
         return path if path.is_absolute() else self.data_dir / path
 
     @property

@@ -7,9 +7,18 @@ does the I/O through the drivers, and hands the results back. Tests drive it dir
 :class:`Daemon` puts it on APScheduler 3's ``AsyncIOScheduler``: discovery right away and then
 every ``discovery_interval_s``; the poll cycle every ``poll_interval_s`` from the moment the
 first scan has finished (identity re-reads ride in the cycles, as the coordinator decides);
-the status file every few seconds. The outbox drain is the uplink's own loop
-(:meth:`agent.uplink.Uplink.run`), woken after each stored cycle: its pace is set by the
-controller's answers and the backoff, not by a clock.
+the pools-only drift check every ``pools_check_interval_s`` beside it; the status file every
+few seconds.
+
+Reads and writes are apart: a poll cycle stores its observations and *offers* them to
+enforcement; it never waits on a write. Writes (pools, reboot, sleep/wake, power) are actions
+(:mod:`agent.actions`) worked by the action worker (:meth:`FleetAgent.work_actions`, a
+long-lived task): it first resolves what a previous run left dispatched (read back, reported),
+then runs one enforcement pass over the newest observations whenever some were offered. A pass
+that takes minutes (a segment being rewritten) delays the next pass, never the next poll.
+
+The outbox drain is the uplink's own loop (:meth:`agent.uplink.Uplink.run`), woken after each
+stored cycle: its pace is set by the controller's answers and the backoff, not by a clock.
 
 Reports reach the outbox *before* anything is pushed: a cycle's batches are stored (fsync'd)
 and only then does the drain see them, so a kill -9 at any point loses at most the cycle in
@@ -39,6 +48,8 @@ from typing import Any
 import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 
+from agent.actions import ActionRunner, ActionSettings, Journal
+from agent.actions.kinds import miner_names
 from agent.config import AgentConfig, AgentSecrets, atomic_write
 from agent.coordinator import (
     CoordinatorSettings,
@@ -53,6 +64,7 @@ from agent.discovery import Discovery
 from agent.drivers.base import Identity, MinerLogin, PollSnapshot, utcnow
 from agent.drivers.factory import DriverFactory
 from agent.drivers.pyasic_backend import DriverOptions
+from agent.enforce.decide import CannotEnforce, WritePools, decide
 from agent.enforce.executor import EnforcementResult, Enforcer, EnforcerSettings
 from agent.errors import AgentError, DriverError, OutboxError, OutboxFull, Timeout, UplinkError
 from agent.outbox import Outbox
@@ -67,6 +79,9 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 STATUS_VERSION = 1
 STATUS_INTERVAL_S = 5.0
+JOURNAL_KEEP = timedelta(days=7)
+"""Finished actions stay in the journal this long (the evidence is the events, not the
+journal); pruned at start and then hourly by the action worker."""
 MAX_HELD_BATCHES = 1000
 """Batches kept in memory while the outbox cannot take them (disk full); beyond this the
 oldest held batches lose their observations, never their identities or events."""
@@ -148,6 +163,22 @@ class DiscoveryReport:
         return data
 
 
+@dataclass
+class PoolsCheckReport:
+    """What one pools-only drift check did (the status file's ``last_pools_check``)."""
+
+    started_at: datetime
+    duration_s: float = 0.0
+    checked: int = 0
+    failed: int = 0
+    drifted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["started_at"] = _iso(self.started_at)
+        return data
+
+
 @dataclass(frozen=True)
 class _Done:
     """One miner's task, done: the outcome for the coordinator and what to report."""
@@ -161,9 +192,12 @@ class _Done:
 class FleetAgent:
     """Discovery, poll cycles and storing reports, without any scheduling.
 
-    With a ``policy`` guard, every poll cycle ends with an enforcement pass over the cycle's
-    observations under the guard's current bundle (:mod:`agent.enforce`); its events and
-    read-backs go into the cycle's report. Offer new bundles with :meth:`offer_policy`.
+    With a ``policy`` guard, every poll cycle, once its reports are stored, offers its
+    observations to enforcement; :meth:`enforce_pending` (the action worker's step, see
+    :meth:`work_actions`) runs a pass over them under the guard's current bundle
+    (:mod:`agent.enforce`) and stores its events and read-backs. :meth:`check_pools` offers the
+    machines a pools-only read finds newly off their pools. Offer new bundles with
+    :meth:`offer_policy`.
     """
 
     def __init__(
@@ -208,10 +242,25 @@ class FleetAgent:
         self._full_since: datetime | None = None
         self._cleaned: dict[str, tuple[str, ...]] = {}
         self.policy = policy
+        self.journal = Journal(config.journal_path)
+        self.actions = ActionRunner(
+            self.journal, self.segments, ActionSettings.from_config(config.actions)
+        )
         self.enforcer = Enforcer(
-            self.factory, self.segments, enforcer_settings, data_dir=config.data_dir
+            self.factory,
+            self.segments,
+            enforcer_settings,
+            data_dir=config.data_dir,
+            actions=self.actions,
         )
         self.last_enforcement: EnforcementResult | None = None
+        self.last_pools_check: PoolsCheckReport | None = None
+        self.pools_checks = 0
+        self.enforcement_wanted = asyncio.Event()
+        self._offered: dict[str, Observation] = {}
+        self._offered_cycle = False
+        self._recovered = False
+        self._pruned_at: datetime | None = None
 
     # --- policy ---------------------------------------------------------------------------------
 
@@ -257,6 +306,7 @@ class FleetAgent:
                           ip=IPv4Address(ip), detail=_reason(exc)[:4096])
                 )  # fmt: skip
             out.events.extend(self._cleaning_events(ip, found.cleaned, now))
+        self.log_events(out.events)
         report.stored = await self.store(out)
         report.duration_s = result.duration_s
         report.probed = result.probed
@@ -334,16 +384,16 @@ class FleetAgent:
             if skip.observation is not None:
                 out.observations.append(skip.observation)
         out.observations.sort(key=lambda o: o.ip)
-        enforced = await self.enforce(out.observations)
-        if enforced is not None:
-            out.extend(enforced.report)  # read-backs after the polls: each machine's in order
-            report.enforcement = enforced.summary()
+        self.log_events(out.events)
         report.identities = len(out.identities)
         report.observations = len(out.observations)
         report.events = len(out.events)
         batches_before = len(self._held)
         report.stored = await self.store(out)
         report.batches = report.stored + len(self._held) - batches_before
+        self.offer(out.observations, cycle=True)  # stored first; enforcement works them apart
+        if self.last_enforcement is not None:
+            report.enforcement = self.last_enforcement.summary()
         report.finished_at = utcnow()
         report.duration_s = round(time.monotonic() - clock, 3)
         self.last_cycle = report
@@ -362,14 +412,107 @@ class FleetAgent:
         )
         return report
 
-    async def enforce(self, observations: list[Observation]) -> EnforcementResult | None:
+    def log_events(self, events: list[Event]) -> None:
+        """One log line per event about a miner (unavailable, recovered, identity changed …),
+        naming it by IP, serial and machine id when known."""
+        bundle = self.policy.current if self.policy is not None else None
+        index = self.enforcer.machine_index(bundle) if bundle is not None else None
+        for event in events:
+            if event.ip is None:
+                continue
+            ip = str(event.ip)
+            record = self.coordinator.record_of(ip)
+            identity = record.identity if record is not None else None
+            serial = identity.serial if identity is not None else None
+            machine = index.find(serial, identity.mac) if index and identity else None
+            level = logging.INFO if event.severity == EventSeverity.INFO else logging.WARNING
+            names = miner_names(ip, serial, machine.machine_id if machine else None)
+            log.log(level, "%s on %s: %s", event.kind, names, event.detail)
+
+    # --- enforcement: the action worker ---------------------------------------------------------
+
+    def offer(self, observations: list[Observation], *, cycle: bool = False) -> None:
+        """Hand observations to enforcement (the newest per miner wins) and wake the worker.
+        ``cycle``: they come from a full poll (backoffs count those passes)."""
+        offered = self._offered
+        for observation in observations:
+            ip = str(observation.ip)
+            before = offered.get(ip)
+            if before is None or observation.observed_at >= before.observed_at:
+                offered[ip] = observation
+        self._offered_cycle |= cycle
+        if observations:
+            self.enforcement_wanted.set()
+
+    async def recover(self) -> int:
+        """Resolve the actions a previous run left unfinished (read back, reported); store
+        their outcomes. Returns how many were resolved."""
+        report = await self.enforcer.recover()
+        self._recovered = True
+        if len(report):
+            await self.store(report)
+            log.info("actions: %d left unfinished by the last run resolved", len(report.events))
+        return len(report.events)
+
+    async def enforce_pending(self) -> EnforcementResult | None:
+        """One enforcement pass over what was offered since the last one, its events and
+        read-backs stored (the action worker's step; tests call it after a cycle)."""
+        self.enforcement_wanted.clear()
+        if not self._recovered or self.actions.in_doubt:
+            await self.recover()
+        observations = sorted(self._offered.values(), key=lambda o: o.ip)
+        new_cycle, self._offered, self._offered_cycle = self._offered_cycle, {}, False
+        if not observations:
+            return None
+        result = await self.enforce(observations, new_cycle=new_cycle)
+        if result is not None and len(result.report):  # what the pass did not store itself
+            await self.store(result.report)
+        return result
+
+    async def work_actions(self, stop: asyncio.Event) -> None:
+        """The action worker: resolve the last run's unfinished actions, then one enforcement
+        pass each time observations are offered, until ``stop``."""
+        try:
+            await self.recover()
+            await self.prune_journal()
+        except Exception:
+            log.exception("recovering the action journal failed")
+        while not stop.is_set():
+            wanted = asyncio.ensure_future(self.enforcement_wanted.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({wanted, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            wanted.cancel()
+            stopping.cancel()
+            if stop.is_set():
+                break
+            try:
+                await self.enforce_pending()
+                await self.prune_journal()
+            except Exception:  # the worker must outlive one bad pass
+                log.exception("enforcement pass failed")
+
+    async def prune_journal(self) -> None:
+        """Forget finished actions older than :data:`JOURNAL_KEEP` (at most hourly)."""
+        now = utcnow()
+        if self._pruned_at is not None and now - self._pruned_at < timedelta(hours=1):
+            return
+        self._pruned_at = now
+        pruned = await asyncio.to_thread(self.journal.prune, now - JOURNAL_KEEP)
+        if pruned:
+            log.info("actions: %d finished action(s) older than %s pruned", pruned, JOURNAL_KEEP)
+
+    async def enforce(
+        self, observations: list[Observation], *, new_cycle: bool = True
+    ) -> EnforcementResult | None:
         """One enforcement pass under the policy in force (None: no policy, nothing done)."""
         bundle = self.policy.current if self.policy is not None else None
         if bundle is None:
             return None
         try:
-            result = await self.enforcer.run(bundle, observations)
-        except Exception:  # enforcement must never cost the cycle its observations
+            result = await self.enforcer.run(
+                bundle, observations, new_cycle=new_cycle, sink=self.store
+            )
+        except Exception:  # one bad pass must not end the worker
             log.exception("enforcement pass failed")
             return None
         self.last_enforcement = result
@@ -388,6 +531,57 @@ class FleetAgent:
             counts["unknown"],
         )
         return result
+
+    async def check_pools(self) -> PoolsCheckReport | None:
+        """The drift check between full polls: read every healthy known miner's pools and offer
+        to enforcement the ones newly off their approved pools (same decision, same events as
+        a full poll's drift). Nothing is stored here: the drift event and the read-backs are.
+        None: no policy with a pool set is in force."""
+        bundle = self.policy.current if self.policy is not None else None
+        if bundle is None or bundle.content.pool_set is None:
+            return None
+        self.pools_checks += 1
+        started, clock = utcnow(), time.monotonic()
+        report = PoolsCheckReport(started_at=started)
+        index = self.enforcer.machine_index(bundle)
+        records = [
+            r
+            for r in self.coordinator.records()
+            if r.identity is not None and r.failures == 0 and r.ip in self.factory.drivers
+        ]
+
+        async def read(ip: str) -> PollSnapshot | None:
+            async with self._limit(ip):
+                try:
+                    async with asyncio.timeout(self.miner_timeout_s + 1.0):
+                        return await (await self.factory.driver_for(ip)).poll()
+                except (DriverError, TimeoutError):
+                    return None
+
+        snapshots = await asyncio.gather(*(read(r.ip) for r in records))
+        drifted: list[Observation] = []
+        now = utcnow()
+        for record, snapshot in zip(records, snapshots, strict=True):
+            if snapshot is None or snapshot.error is not None or not snapshot.reachable:
+                report.failed += 1
+                continue
+            report.checked += 1
+            memory = self.enforcer.memory.get(record.ip)
+            if memory is not None and memory.incident is not None:
+                continue  # a known incident: the passes already work it
+            observation = snapshot.to_observation(record.identity)
+            decision = decide(bundle.content, self.enforcer.view_of(observation), now, index=index)
+            if isinstance(decision, WritePools) or (
+                isinstance(decision, CannotEnforce) and decision.problems
+            ):
+                drifted.append(observation)
+        report.drifted = len(drifted)
+        report.duration_s = round(time.monotonic() - clock, 3)
+        self.last_pools_check = report
+        if drifted:
+            log.info("pools check: %d of %d off their pools", len(drifted), report.checked)
+            self.offer(drifted)
+        return report
 
     async def _bounded(self, task: Task) -> _Done:
         async with self._limit(task.ip):
@@ -565,6 +759,8 @@ class Daemon:
         self._stopping = False
         self._polls_scheduled = False
         self.agent: FleetAgent | None = None
+        self._actions_stop = asyncio.Event()
+        self._actions_task: asyncio.Task[None] | None = None
         self.uplink: Uplink | None = None
         self.outbox: Outbox | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -601,6 +797,9 @@ class Daemon:
             on_stored=self._wake.set,
             policy=guard,
             enforcer_settings=self.enforcer_settings,
+        )
+        self._actions_task = asyncio.create_task(
+            self.agent.work_actions(self._actions_stop), name="actions"
         )
         drain_stop = asyncio.Event()
         drain = asyncio.create_task(
@@ -676,6 +875,9 @@ class Daemon:
             elif name == "poll":
                 await self.pull_policy()
                 await self.agent.poll_cycle()
+            elif name == "pools":
+                await self.agent.check_pools()
+                return
             await self.write_status()
         except AgentError as exc:
             log.error("%s: %s", name, exc)
@@ -727,6 +929,19 @@ class Daemon:
             coalesce=True,
             misfire_grace_time=None,
         )
+        every = self.config.polling.pools_check_interval_s
+        if every > 0:
+            self._scheduler.add_job(
+                self._job,
+                "interval",
+                args=["pools"],
+                id="pools",
+                seconds=every,
+                next_run_time=datetime.now(UTC) + timedelta(seconds=every),
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
 
     async def _shutdown(
         self, scheduler: AsyncIOScheduler, drain: asyncio.Task[None], drain_stop: asyncio.Event
@@ -740,6 +955,7 @@ class Daemon:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
                 task.cancel()
+        await self._stop_actions(grace)
         drain_stop.set()
         assert self.uplink is not None and self.outbox is not None
         try:
@@ -769,6 +985,22 @@ class Daemon:
         await self.uplink.aclose()
         self.outbox.close()
         log.info("stopped")
+
+    async def _stop_actions(self, grace: float) -> None:
+        """Let the pass in flight finish (bounded); an action cut off stays ``dispatched`` in
+        the journal and is read back on the next start."""
+        task = self._actions_task
+        if task is None:
+            return
+        self._actions_stop.set()
+        _, pending = await asyncio.wait({task}, timeout=grace)
+        for left in pending:
+            log.warning("actions still running after %g s: cut off, resolved on next start", grace)
+            left.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await left
+        if self.agent is not None:
+            self.agent.journal.close()
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -808,6 +1040,10 @@ class Daemon:
                 agent.last_enforcement.summary() if agent.last_enforcement is not None else None
             ),
             "last_discovery": agent.last_discovery.as_dict() if agent.last_discovery else None,
+            "last_pools_check": (
+                agent.last_pools_check.as_dict() if agent.last_pools_check else None
+            ),
+            "actions": await self._actions_status(),
             "outbox": stats,
             "uplink": {
                 "healthy": uplink.healthy,
@@ -823,6 +1059,19 @@ class Daemon:
             await asyncio.to_thread(atomic_write, status_path(self.config), data, 0o644)
         except AgentError as exc:
             log.warning("cannot write the status file: %s", exc)
+
+    async def _actions_status(self) -> dict[str, Any]:
+        agent = self.agent
+        assert agent is not None
+        try:
+            journal: dict[str, Any] = await asyncio.to_thread(agent.journal.counts)
+        except AgentError as exc:
+            journal = {"error": str(exc)}
+        return {
+            "running": len(agent.actions.inflight),
+            "in_doubt": sorted(agent.actions.in_doubt),
+            "journal": journal,
+        }
 
     def _policy_status(self) -> dict[str, Any] | None:
         guard = self.policy_guard

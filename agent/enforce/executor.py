@@ -33,9 +33,19 @@ Every read-back is added to the cycle's report as an observation, so the control
 corrected state with its own timestamp. Writes are bounded per segment by
 ``rollout.writes_per_segment``. Observe mode and dry runs decide the same, write nothing.
 
+Every write (pools, reboot, sleep, wake) is an action of :mod:`agent.actions`: journaled
+(planned -> dispatched -> done/failed), gated per segment (concurrency, waves), under a
+deadline, logged with the miner's IP, serial and machine id. A machine with an action running,
+or one left unresolved by a previous run, is not decided on (``action in flight``); nor is an
+observation taken before that machine's last action ended (``stale``), so a pass that runs
+behind the polls never rewrites what it has just written. After a restart :meth:`Enforcer.recover`
+reads back what the previous run had dispatched and reports it (``pool_verified`` or
+``pool_write_failed``; a sleep or wake it confirms updates the quarantine record).
+
 Memory (open incidents, pending reboots, backoff, the rollout's state) lives in this object,
-keyed by IP: an agent restart forgets it, which costs at most one more write and a new canary.
-The quarantine record is the exception: forgetting it would leave a claimed machine asleep.
+keyed by IP: an agent restart forgets it, which costs at most a new canary; the journal keeps a
+restarted agent from repeating a write blindly. The quarantine record is kept on disk too:
+forgetting it would leave a claimed machine asleep.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -51,6 +61,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from agent.actions import Action, ActionKind, ActionResult, ActionRunner, Journal
+from agent.actions.journal import JournalEntry
+from agent.actions.kinds import miner_names
 from agent.coordinator import Report, segment_of
 from agent.drivers.base import MinerDriver, PollSnapshot, utcnow
 from agent.enforce.decide import (
@@ -73,7 +86,7 @@ from agent.enforce.quarantine import QuarantineRecord, quarantine_path
 from agent.errors import DriverError
 from contract.compliance import assess_pools
 from contract.enforcement import EnforcementEvent, EnforcementFacts, FailureCause
-from contract.policy import EnforcementMode, PolicyBundle, PolicyContent
+from contract.policy import ApprovedPoolSet, EnforcementMode, PolicyBundle, PolicyContent
 from contract.reports import Event, EventSeverity, Observation, PoolReading
 from firmware_profiles import ResolvedProfile
 
@@ -84,6 +97,12 @@ WAVE_FACTOR = 4
 """The first wave after the canary is this many canaries; each later wave doubles."""
 
 T = TypeVar("T")
+
+LOGGED_HERE = frozenset(
+    {EnforcementEvent.POOL_VERIFIED, EnforcementEvent.QUARANTINED, EnforcementEvent.RELEASED}
+)
+"""Outcomes logged as their event is made (drift, writes and failures are logged where they
+happen: :meth:`_Context._open`, the action runner, :meth:`_Context.fail`)."""
 
 
 class DriverSource(Protocol):
@@ -160,6 +179,8 @@ class Memory:
 
     incident: Incident | None = None
     cannot: str | None = None
+    acted_at: datetime | None = None
+    """When this machine's last action ended: an observation older than that is stale."""
 
 
 @dataclass
@@ -199,6 +220,8 @@ class EnforcementResult:
             "quarantined",
             "released",
             "backing_off",
+            "in_flight",
+            "stale",
         )
         data: dict[str, Any] = {k: self.counts.get(k, 0) for k in keys}
         data["failed"] = dict(sorted(self.failed.items()))
@@ -221,11 +244,24 @@ def capabilities_of(driver: object) -> tuple[bool, str | None, int | None, bool]
 
 def cause_of(error: DriverError) -> FailureCause:
     """A write's exception -> the cause reported for it."""
-    if error.kind == "auth_failed":
+    return cause_of_kind(error.kind)
+
+
+def cause_of_kind(kind: str | None) -> FailureCause:
+    """An action's failure cause (a driver error kind, ``deadline`` …) -> the reported cause."""
+    if kind == "auth_failed":
         return FailureCause.AUTH_FAILED
-    if error.kind in ("unreachable", "timeout"):
+    if kind in ("unreachable", "timeout", "deadline", "not_applied", "interrupted"):
         return FailureCause.UNREACHABLE
     return FailureCause.REFUSED
+
+
+def action_failure(result: ActionResult) -> tuple[FailureCause, str]:
+    """A failed action -> (cause, detail) as the events report them."""
+    error = result.error
+    if isinstance(error, DriverError):
+        return cause_of(error), f"{error.kind}: {error.reason}"
+    return cause_of_kind(result.cause), f"{result.cause}: {result.detail}"
 
 
 def readings_of(snapshot: PollSnapshot) -> tuple[PoolReading, ...]:
@@ -246,10 +282,12 @@ class Enforcer:
         settings: EnforcerSettings | None = None,
         *,
         data_dir: Path | None = None,
+        actions: ActionRunner | None = None,
     ) -> None:
         self.drivers = drivers
         self.segments = tuple(segments)
         self.settings = settings or EnforcerSettings()
+        self.actions = actions or ActionRunner(Journal(), self.segments)
         self.memory: dict[str, Memory] = {}
         self.quarantine = QuarantineRecord(
             quarantine_path(data_dir) if data_dir is not None else None
@@ -283,7 +321,7 @@ class Enforcer:
             quarantined=self.quarantine.holds(ip, observation.serial, observation.mac),
         )
 
-    def _machine_index(self, bundle: PolicyBundle) -> MachineIndex:
+    def machine_index(self, bundle: PolicyBundle) -> MachineIndex:
         if self._index is None or self._index[0] != bundle.version:
             self._index = (bundle.version, MachineIndex.of(bundle.content.machines))
         return self._index[1]
@@ -297,15 +335,24 @@ class Enforcer:
         *,
         now: datetime | None = None,
         dry_run: bool = False,
+        new_cycle: bool = True,
+        sink: Callable[[Report], Awaitable[object]] | None = None,
     ) -> EnforcementResult:
-        """Decide for every observation and, in enforce mode (not a dry run), act."""
-        self.passes += 1
+        """Decide for every observation and, in enforce mode (not a dry run), act.
+        ``new_cycle``: the observations include a full poll's; backoffs count these passes
+        only (a pass triggered by the drift check alone does not shorten them). ``sink``: store
+        the pass's events and read-backs as they happen (the decisions' events before the first
+        write, each machine's once its write has ended), so that a pass cut off by a kill has
+        already reported every write that ended; what the sink took is not in the result's
+        ``report``."""
+        if new_cycle or self.passes == 0:
+            self.passes += 1
         now = now or utcnow()
         policy = bundle.content if bundle is not None else None
-        index = self._machine_index(bundle) if bundle is not None else None
+        index = self.machine_index(bundle) if bundle is not None else None
         act = policy is not None and policy.mode is EnforcementMode.ENFORCE and not dry_run
         self.quarantine.reload()
-        ctx = _Context(self, bundle, policy, act, dry_run)
+        ctx = _Context(self, bundle, policy, act, dry_run, sink)
         result = ctx.result
         result.policy_version = bundle.version if bundle is not None else None
         result.mode = str(policy.mode) if policy is not None else None
@@ -313,11 +360,114 @@ class Enforcer:
             view = self.view_of(observation)
             decision = decide(policy, view, now, index=index)
             ctx.handle(observation, view, decision)
+        await ctx.flush()
         await ctx.act_on_sleep_and_wake()
+        await ctx.flush()
         await ctx.write_all()
+        await ctx.flush()
         ctx.finish()
         self.last = result
         return result
+
+    # --- after a restart --------------------------------------------------------------------
+
+    async def recover(self) -> Report:
+        """Read back what a previous run dispatched and never saw end (and what is still in
+        doubt since); report each resolved action's outcome as the enforcement event it would
+        have produced. Machines still in doubt are left alone by the passes meanwhile."""
+        verifiers = {
+            ActionKind.SET_POOLS: self._verify_pools,
+            ActionKind.SLEEP: self._verify_mode,
+            ActionKind.WAKE: self._verify_mode,
+        }
+        results = await self.actions.recover(verifiers)
+        report = Report()
+        quarantine_changed = False
+        if any(r.action.kind in (ActionKind.SLEEP, ActionKind.WAKE) for r in results):
+            self.quarantine.reload()
+        for result in results:
+            event, changed = self._recovered(result)
+            quarantine_changed |= changed
+            if event is not None:
+                report.events.append(event)
+        if quarantine_changed:
+            self.quarantine.save()
+        return report
+
+    async def _verify_pools(self, entry: JournalEntry) -> bool | None:
+        payload = entry.action.payload
+        driver = await self.drivers.driver_for(entry.action.ip)
+        pool_set = ApprovedPoolSet.model_validate(payload["pool_set"])
+        return await _Context._took(driver, pool_set, str(payload["worker"]))
+
+    async def _verify_mode(self, entry: JournalEntry) -> bool | None:
+        snapshot = await (await self.drivers.driver_for(entry.action.ip)).poll()
+        if snapshot.error is not None or not snapshot.reachable or snapshot.is_mining is None:
+            return None
+        if entry.action.kind is ActionKind.SLEEP:
+            return not snapshot.is_mining
+        return True if snapshot.is_mining else None  # waking: not hashing yet is no answer
+
+    def _recovered(self, result: ActionResult) -> tuple[Event | None, bool]:
+        """One resolved action -> its event, and whether the quarantine record changed."""
+        action, payload, now = result.action, result.action.payload, utcnow()
+        ip = action.ip
+        facts = EnforcementFacts(
+            machine_id=action.machine_id,
+            policy_version=payload.get("policy_version"),
+            pool_set_version=payload.get("pool_set_version"),
+            detected_at=payload.get("detected_at"),
+            written_at=payload.get("written_at"),
+            problems=list(payload.get("problems", ()))[:MAX_FACT_ITEMS],
+            attempts=1,
+        )
+        kind: EnforcementEvent | None = None
+        severity = EventSeverity.WARNING
+        changed = False
+        where = "after an agent restart"
+        if action.kind is ActionKind.SET_POOLS and result.ok:
+            kind, severity = EnforcementEvent.POOL_VERIFIED, EventSeverity.INFO
+            facts = facts.model_copy(update={"verified_at": now})
+            detail = f"read back on the approved pools {where} (written before it stopped)"
+        elif action.kind is ActionKind.SET_POOLS:
+            kind = EnforcementEvent.POOL_WRITE_FAILED
+            facts = facts.model_copy(update={"cause": FailureCause.UNREACHABLE})
+            detail = (
+                f"pool write not verified (unreachable): interrupted by an agent restart; "
+                f"{result.detail}; decided again from the next poll"
+            )
+        elif action.kind is ActionKind.REBOOT:
+            kind = EnforcementEvent.POOL_WRITE_FAILED
+            facts = facts.model_copy(update={"cause": FailureCause.PENDING_REBOOT})
+            detail = (
+                "pool write not verified (pending_reboot): read back unchanged; the reboot to "
+                f"apply it was interrupted by an agent restart ({result.detail}); "
+                "checked again next cycle"
+            )
+        elif result.ok and action.kind is ActionKind.SLEEP:
+            kind = EnforcementEvent.QUARANTINED
+            mac = payload.get("mac")
+            self.quarantine.add(ip, action.serial, mac, action.machine_id, now)
+            changed = True
+            detail = f"hashing while unregistered: put to sleep ({where})"
+        elif result.ok and action.kind is ActionKind.WAKE:
+            kind, severity = EnforcementEvent.RELEASED, EventSeverity.INFO
+            self.quarantine.remove(ip, action.serial, payload.get("mac"))
+            changed = True
+            detail = f"registered: woken ({where})"
+        else:
+            kind = EnforcementEvent.CANNOT_ENFORCE
+            detail = f"{action.kind.value} interrupted by an agent restart: {result.detail}"
+        log.info("%s on %s: %s", kind.value, action.names(), detail)
+        event = Event(
+            kind=kind.value,
+            at=now,
+            severity=severity,
+            ip=IPv4Address(ip),
+            detail=detail[:4096],
+            data=facts.model_dump(mode="json"),
+        )
+        return event, changed
 
     def limit(self, ip: str, size: int) -> asyncio.Semaphore:
         """The per-segment bound on writes (``size`` comes from the policy in force)."""
@@ -357,8 +507,10 @@ class _Context:
         policy: PolicyContent | None,
         act: bool,
         dry_run: bool,
+        sink: Callable[[Report], Awaitable[object]] | None = None,
     ) -> None:
         self.enforcer = enforcer
+        self.sink = sink
         self.settings = enforcer.settings
         self.bundle = bundle
         self.policy = policy
@@ -371,6 +523,7 @@ class _Context:
         self.writes: list[_Write] = []
         self.would_write: list[str] = []
         self.sleep_wake: list[tuple[Observation, Quarantine | Release, Memory]] = []
+        self.serials: dict[str, str | None] = {}
         self.cycle = enforcer.passes
         self.key = (
             (bundle.version, policy.pool_set.version if policy.pool_set else None)
@@ -379,6 +532,23 @@ class _Context:
         )
 
     # --- events ---------------------------------------------------------------------------------
+
+    async def flush(self, ips: Iterable[str] | None = None) -> None:
+        """Hand the events and read-backs of ``ips`` (None: everyone) to the sink, in IP order
+        (each machine's in the order they happened). Without a sink they stay for the result."""
+        if self.sink is None:
+            return
+        chosen = sorted(
+            set(self.events) | set(self.readbacks) if ips is None else set(ips), key=IPv4Address
+        )
+        out = Report()
+        for ip in chosen:
+            out.events.extend(self.events.pop(ip, ()))
+            readback = self.readbacks.pop(ip, None)
+            if readback is not None:
+                out.observations.append(readback)
+        if len(out):
+            await self.sink(out)
 
     def facts(self, machine_id: str | None, **values: Any) -> dict[str, Any]:
         pool_set = self.policy.pool_set if self.policy is not None else None
@@ -411,7 +581,13 @@ class _Context:
             data=self.facts(machine_id, **facts),
         )
         self.events.setdefault(ip, []).append(event)
+        if kind in LOGGED_HERE:
+            log.info("%s on %s: %s", kind.value, self.names(ip, machine_id), detail)
         return event
+
+    def names(self, ip: str, machine_id: str | None) -> str:
+        """The miner as a log line names it (IP, serial from the last poll, machine id)."""
+        return miner_names(ip, self.serials.get(ip), machine_id)
 
     def outcome(
         self, ip: str, machine_id: str | None, decision: Decision, action: str, detail: str = ""
@@ -431,9 +607,11 @@ class _Context:
         retry_in: int | None,
         severity: EventSeverity = EventSeverity.WARNING,
         observed: Sequence[PoolReading] = (),
+        logged: bool = False,
     ) -> None:
         """Report a write that is not verified. ``retry_in``: cycles until it may be rewritten;
-        None backs off (:func:`retry_in_cycles`, counting this failure)."""
+        None backs off (:func:`retry_in_cycles`, counting this failure). ``logged``: the action
+        runner has already logged this failure."""
         incident = memory.incident
         assert incident is not None
         machine_id = write.decision.machine.machine_id if write is not None else None
@@ -457,14 +635,30 @@ class _Context:
         incident.failed = cause
         incident.retry_cycle = self.cycle + retry_in
         self.result.failed[cause.value] += 1
+        if not logged:
+            log.warning(
+                "pool write to %s not verified (%s): %s",
+                self.names(ip, machine_id),
+                cause.value,
+                detail,
+            )
 
     # --- decisions ------------------------------------------------------------------------------
 
     def handle(self, observation: Observation, view: MinerView, decision: Decision) -> None:
         ip = str(observation.ip)
+        self.serials[ip] = observation.serial
         memory = self.enforcer.memory.setdefault(ip, Memory())
         machine_id = decision.machine.machine_id if decision.machine is not None else None
         counts = self.result.counts
+        if self.enforcer.actions.busy(ip):
+            counts["in_flight"] += 1
+            self.outcome(ip, machine_id, decision, "action in flight")
+            return
+        if memory.acted_at is not None and observation.observed_at < memory.acted_at:
+            counts["stale"] += 1
+            self.outcome(ip, machine_id, decision, "stale", "observed before its last action ended")
+            return
         if isinstance(decision, Compliant):
             self._compliant(observation, decision, memory)
         elif isinstance(decision, Exempt):
@@ -533,6 +727,9 @@ class _Context:
             return memory.incident
         incident = Incident(detected_at=observation.observed_at, problems=problems)
         memory.incident = incident
+        log.warning(
+            "pool drift on %s: %s", self.names(str(observation.ip), machine_id), "; ".join(problems)
+        )
         self.emit(
             str(observation.ip),
             EnforcementEvent.POOL_DRIFT,
@@ -649,12 +846,25 @@ class _Context:
         ip = str(observation.ip)
         machine_id = decision.machine.machine_id
         sleeping = isinstance(decision, Quarantine)
+        action = Action(
+            ActionKind.SLEEP if sleeping else ActionKind.WAKE,
+            ip,
+            serial=observation.serial,
+            machine_id=machine_id,
+            payload={"mac": observation.mac, "policy_version": self.key[0] if self.key else None},
+        )
         async with self.enforcer.limit(ip, size):
             try:
                 driver = await self.enforcer.drivers.driver_for(ip)
-                await (driver.sleep() if sleeping else driver.wake())
+                result = await self.enforcer.actions.run(
+                    action, lambda: driver.sleep() if sleeping else driver.wake()
+                )
             except DriverError as exc:
-                reason = f"{'sleep' if sleeping else 'wake'} failed: {exc.kind}: {exc.reason}"
+                result = ActionResult(action, False, exc.kind, exc.reason, 0, exc)
+            memory.acted_at = utcnow()
+            if not result.ok:
+                _, why = action_failure(result)
+                reason = f"{'sleep' if sleeping else 'wake'} failed: {why}"
                 if memory.cannot != reason:
                     self.emit(
                         ip,
@@ -734,7 +944,7 @@ class _Context:
             for w in written
             if w.memory.incident is not None and w.memory.incident.failed
         ]
-        self.emit(
+        halted = self.emit(
             str(written[0].observation.ip),
             EnforcementEvent.ROLLOUT_HALTED,
             f"policy version {self.key[0]}: {failed} of {attempted} write(s) failed by "
@@ -746,6 +956,7 @@ class _Context:
             rollout_attempted=attempted,
             rollout_failed=failed,
         )
+        log.critical("%s", halted.detail)
         for write in rest:
             ip = str(write.observation.ip)
             self.fail(
@@ -781,7 +992,11 @@ class _Context:
     async def _write_one(self, write: _Write, size: int, attempts: int) -> bool:
         try:
             async with self.enforcer.limit(str(write.observation.ip), size):
-                return await self._write_and_verify(write, attempts)
+                try:
+                    return await self._write_and_verify(write, attempts)
+                finally:
+                    write.memory.acted_at = utcnow()
+                    await self.flush([str(write.observation.ip)])
         except Exception as exc:  # a driver bug must not end the pass for everyone else
             log.exception("enforcement write to %s failed unexpectedly", write.observation.ip)
             ip = str(write.observation.ip)
@@ -823,20 +1038,44 @@ class _Context:
             problems=decision.problems,
             observed=observation.pools,
         )
+        action = Action(
+            ActionKind.SET_POOLS,
+            ip,
+            serial=observation.serial,
+            machine_id=machine_id,
+            payload={
+                "targets": [{"url": t.url, "user": t.user} for t in decision.targets],
+                "worker": decision.worker,
+                "pool_set": pool_set.model_dump(mode="json"),
+                "policy_version": self.key[0] if self.key else None,
+                "pool_set_version": self.key[1] if self.key else None,
+                "detected_at": incident.detected_at.isoformat(),
+                "written_at": written_at.isoformat(),
+                "problems": list(decision.problems)[:MAX_FACT_ITEMS],
+                "canary": write.canary,
+            },
+        )
         try:
             driver = await self.enforcer.drivers.driver_for(ip)
-            await driver.set_pools(decision.targets)
+            result = await self.enforcer.actions.run(
+                action,
+                lambda: driver.set_pools(decision.targets),
+                verify=lambda: self._took(driver, pool_set, decision.worker),
+            )
         except DriverError as exc:
-            cause = cause_of(exc)
+            result = ActionResult(action, False, exc.kind, exc.reason, 0, exc)
+        if not result.ok:
+            cause, why = action_failure(result)
             self.fail(
                 ip,
                 write,
                 memory,
                 cause,
-                f"{exc.kind}: {exc.reason}",
+                why,
                 retry_in=1 if cause is FailureCause.UNREACHABLE else None,
+                logged=True,
             )
-            self.outcome(ip, machine_id, decision, f"failed: {cause.value}", exc.reason)
+            self.outcome(ip, machine_id, decision, f"failed: {cause.value}", result.detail)
             return False
         snapshot: PollSnapshot | None = None
         read: PollSnapshot | None = None
@@ -910,16 +1149,25 @@ class _Context:
             )
             self.outcome(ip, machine_id, decision, "failed: hidden_pool")
             return False
-        try:
-            await driver.reboot()
-        except DriverError as exc:
+        reboot = await self.enforcer.actions.run(
+            Action(
+                ActionKind.REBOOT,
+                ip,
+                serial=observation.serial,
+                machine_id=machine_id,
+                payload={"why": "pool write read back unchanged", "pool_write": action.id},
+            ),
+            driver.reboot,
+        )
+        if not reboot.ok:
+            _, why = action_failure(reboot)
             self.fail(
                 ip,
                 write,
                 memory,
                 FailureCause.IGNORED,
                 f"acknowledged but read back unchanged after {incident.readbacks} read(s); "
-                f"the reboot to apply it failed ({exc.kind}: {exc.reason})",
+                f"the reboot to apply it failed ({why})",
                 retry_in=None,
                 severity=EventSeverity.CRITICAL,
                 observed=readings,
@@ -941,6 +1189,14 @@ class _Context:
         return False
 
     @staticmethod
+    async def _took(driver: MinerDriver, pool_set: ApprovedPoolSet, worker: str) -> bool | None:
+        """Read back whether a pool write landed (None: no answer)."""
+        snapshot = await driver.poll()
+        if snapshot.error is not None or not snapshot.reachable:
+            return None
+        return assess_pools(pool_set, worker, readings_of(snapshot)).compliant
+
+    @staticmethod
     def _observation(snapshot: PollSnapshot, polled: Observation) -> Observation:
         return snapshot.to_observation().model_copy(
             update={"mac": polled.mac, "serial": polled.serial}
@@ -956,6 +1212,3 @@ class _Context:
         for ip in sorted(self.readbacks, key=IPv4Address):
             result.report.observations.append(self.readbacks[ip])
         result.outcomes = [self.outcomes[ip] for ip in sorted(self.outcomes, key=IPv4Address)]
-        halted = [e for e in result.report.events if e.kind == EnforcementEvent.ROLLOUT_HALTED]
-        if halted:
-            log.critical("%s", halted[0].detail)

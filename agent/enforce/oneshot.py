@@ -4,7 +4,9 @@ Scans the configured segments, polls every identified miner once, and runs the s
 and executor the daemon runs, under the policy stored by the daemon (verified again). With
 ``dry_run`` nothing is written to any miner and nothing is stored; otherwise the pass's events
 and read-backs go into the outbox like a cycle's, for the daemon (or the next start) to deliver.
-The quarantine record (``data_dir/quarantine.json``) is shared with the daemon: a machine this
+Writes go through the daemon's action journal (``data_dir/actions.sqlite3``) under the
+``[actions]`` settings. The quarantine record (``data_dir/quarantine.json``) is shared with the
+daemon: a machine this
 pass puts to sleep is woken by the daemon once it is claimed, and the other way round.
 """
 
@@ -14,6 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
+from agent.actions import ActionRunner, ActionSettings, Journal
 from agent.config import AgentConfig
 from agent.coordinator import Report, pack
 from agent.discovery import Discovery
@@ -86,8 +89,10 @@ async def enforce_once(
         return snapshot.to_observation(scan.found[ip])
 
     observations = list(await asyncio.gather(*(poll(ip) for ip in scan.found)))
-    enforcer = Enforcer(factory, segments, settings, data_dir=config.data_dir)
-    result = await enforcer.run(bundle, observations, now=now, dry_run=dry_run)
+    with Journal(config.journal_path) as journal:  # the daemon's journal: one record of writes
+        actions = ActionRunner(journal, segments, ActionSettings.from_config(config.actions))
+        enforcer = Enforcer(factory, segments, settings, data_dir=config.data_dir, actions=actions)
+        result = await enforcer.run(bundle, observations, now=now, dry_run=dry_run)
     report = PassReport(
         bundle=bundle,
         expired=guard.expired(now),

@@ -1,16 +1,20 @@
 """Enforcement against a real simulated farm: the simulator's true state is the judge.
 
 A FleetAgent with a PolicyGuard (bundles signed with a test key) polls a small mixed farm;
-each poll cycle ends with an enforcement pass. Every test checks what the miners truly run
-(``shard.miner(ip)``) and what the simulator's request logs recorded, not what the agent says.
+each poll cycle is followed by the enforcement pass over its observations (in the daemon the
+action worker runs it apart from the poll; :func:`cycle` awaits it so the test can judge).
+Every test checks what the miners truly run (``shard.miner(ip)``) and what the simulator's
+request logs recorded, not what the agent says.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import re
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,8 +33,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
+from agent.actions import Action, ActionKind, Journal
 from agent.config import AgentConfig, AgentSecrets
-from agent.daemon import Daemon, FleetAgent
+from agent.daemon import CycleReport, Daemon, FleetAgent
 from agent.enforce.executor import EnforcerSettings
 from agent.enforce.oneshot import enforce_once
 from agent.outbox import Outbox
@@ -90,6 +95,9 @@ class Site:
         )
         return self.key.sign_bundle(bundle)
 
+    async def cycle(self) -> CycleReport:
+        return await cycle(self.agent)
+
     async def enforce(self, **changes: Any) -> None:
         assert await self.agent.offer_policy(self.bundle(**changes))
 
@@ -123,12 +131,25 @@ class Site:
 SiteFactory = Callable[..., Any]
 
 
+async def cycle(agent: FleetAgent) -> CycleReport:
+    """One poll cycle, then the enforcement pass over what it offered."""
+    report = await agent.poll_cycle()
+    enforced = await agent.enforce_pending()
+    report.enforcement = enforced.summary() if enforced is not None else None
+    return report
+
+
 @pytest.fixture
 async def site(farm: FarmFactory, tmp_path: Path) -> AsyncIterator[SiteFactory]:
     outboxes: list[Outbox] = []
 
     async def start(
-        miners: int = 20, mix: str = MIX, settings: EnforcerSettings = FAST, **farm_args: Any
+        miners: int = 20,
+        mix: str = MIX,
+        settings: EnforcerSettings = FAST,
+        actions: dict[str, Any] | None = None,
+        polling: dict[str, Any] | None = None,
+        **farm_args: Any,
     ) -> Site:
         farm_args.setdefault("restart_seconds", 0.0)
         farm_args.setdefault("reboot_seconds", 1.0)
@@ -141,7 +162,8 @@ async def site(farm: FarmFactory, tmp_path: Path) -> AsyncIterator[SiteFactory]:
                 "segments": [net],
                 "data_dir": str(tmp_path),
                 "controller": {"url": "http://127.0.0.1:9"},
-                "polling": {"poll_interval_s": 20.0, "miner_timeout_s": 2.0},
+                "polling": {"poll_interval_s": 20.0, "miner_timeout_s": 2.0, **(polling or {})},
+                "actions": {"retry_backoff_s": 0.1, "retry_backoff_max_s": 0.2, **(actions or {})},
             }
         )
         key = SigningKey(private=Ed25519PrivateKey.generate(), path=tmp_path / "unused.pem")
@@ -177,7 +199,7 @@ async def test_enforce_corrects_foreign_pools_and_verifies_by_reading_back(
     )
     await s.tamper(*tampered)
     await s.enforce()
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     for ip in s.ips():
         assert s.true_pools(ip) == s.approved(ip), ip  # the simulator's true state
     assert cycle.enforcement is not None
@@ -202,7 +224,7 @@ async def test_enforce_corrects_foreign_pools_and_verifies_by_reading_back(
         if str(o.ip) == tampered[0] and o.pools and o.pools[0].url == DEFAULT_POOLS[0]
     ]
     assert readbacks
-    second = await s.agent.poll_cycle()
+    second = await s.cycle()
     assert second.enforcement is not None and second.enforcement["written"] == 0
     assert second.enforcement["compliant"] == len(s.ips())
     assert len(s.events("pool_drift")) == len(tampered)  # one incident each, not per cycle
@@ -216,7 +238,7 @@ async def test_observe_mode_writes_nothing(site: SiteFactory) -> None:
         await s.shard.clear_log(ip)
     await s.enforce(mode=EnforcementMode.OBSERVE)
     for _ in range(2):
-        cycle = await s.agent.poll_cycle()
+        cycle = await s.cycle()
         assert cycle.enforcement is not None and cycle.enforcement["drift"] == len(tampered)
     for ip in s.ips():
         assert await s.writes(ip) == [], ip
@@ -226,7 +248,9 @@ async def test_observe_mode_writes_nothing(site: SiteFactory) -> None:
 
 
 async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> None:
-    s: Site = await site()
+    # rebooted miners stay down for the next cycle (a second after this one), whatever the
+    # pass's own pace: the loop below sees them back together, a few cycles later
+    s: Site = await site(reboot_seconds=2.5)
     antminers = s.ips("antminer")
     ignored, after_reboot = antminers[0], antminers[1]
     wrong_login = s.ips("whatsminer")[0]
@@ -237,7 +261,7 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     await s.shard.inject_fault(hidden, Fault.HIDDEN_POOL, {})
     await s.tamper(ignored, after_reboot, wrong_login)
     await s.enforce(rollout=RolloutPolicy(canary_size=10, max_failure_rate=1.0))
-    await s.agent.poll_cycle()
+    await s.cycle()
 
     def causes(ip: str) -> list[str]:
         return [e.data["cause"] for e in s.events("pool_write_failed", ip)]
@@ -252,7 +276,7 @@ async def test_each_failure_is_reported_with_its_cause(site: SiteFactory) -> Non
     cycles = 1
     for _ in range(8):  # the rebooted miners come back (polls back off while they are down)
         await asyncio.sleep(1.0)
-        await s.agent.poll_cycle()
+        await s.cycle()
         cycles += 1
         if causes(ignored)[-1:] == ["write_ignored"] and s.events("pool_verified", after_reboot):
             break
@@ -278,20 +302,20 @@ async def test_canary_failure_halts_the_rollout(site: SiteFactory) -> None:
         await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
     await s.tamper(*tampered)
     await s.enforce()
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
     halted = s.events("rollout_halted")
     assert len(halted) == 1 and halted[0].severity == "critical"
     for ip in tampered[3:]:  # never attempted, and said so
         assert await s.writes(ip) == []
         assert [e.data["cause"] for e in s.events("pool_write_failed", ip)] == ["rollout_halted"]
-    await s.agent.poll_cycle()
+    await s.cycle()
     for ip in tampered[3:]:
         assert await s.writes(ip) == []  # still halted under this version
     await s.enforce()  # a new version: a new canary (the healthy ones now lead)
     for ip in tampered[:3]:
         await s.shard.clear_fault(ip, Fault.WRITE_IGNORED)
-    await s.agent.poll_cycle()
+    await s.cycle()
     for ip in tampered[3:]:
         assert s.true_pools(ip) == s.approved(ip)
 
@@ -303,14 +327,14 @@ async def test_quarantine_sleeps_an_unregistered_miner_and_wakes_it_when_claimed
     ip = s.ips("whatsminer")[0]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is Mode.SLEEP
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
-    await s.agent.poll_cycle()  # asleep: nothing more to do
+    await s.cycle()  # asleep: nothing more to do
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined"]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is not Mode.SLEEP
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
     for other in set(s.ips()) - {ip}:
@@ -323,11 +347,11 @@ async def test_malware_is_corrected_every_time(site: SiteFactory) -> None:
     await s.shard.inject_fault(ip, Fault.MALWARE, {"delay": 1.0})
     await s.tamper(ip)
     await s.enforce()
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.true_pools(ip) == s.approved(ip)
     await asyncio.sleep(1.2)  # the malware puts its pool back
     assert s.true_pools(ip) == [(FOREIGN_POOL["url"], FOREIGN_POOL["user"])]
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.true_pools(ip) == s.approved(ip)
     kinds = [e.kind for e in s.events(ip=ip)]
     assert kinds == ["pool_drift", "pool_write", "pool_verified"] * 2  # two incidents
@@ -362,8 +386,8 @@ class StandInController:
         )
         return Response(ack.model_dump_json(), media_type="application/json")
 
-    def events(self, kind: str) -> list[Event]:
-        return [e for b in self.batches for e in b.events if e.kind == kind]
+    def events(self, kind: str | None = None) -> list[Event]:
+        return [e for b in self.batches for e in b.events if kind in (None, e.kind)]
 
 
 async def wait_until(what: str, check: Callable[[], Any], within_s: float = 30.0) -> None:
@@ -544,7 +568,7 @@ async def test_a_later_wave_failing_halts_the_rollout(site: SiteFactory) -> None
         await s.shard.inject_fault(ip, Fault.WRITE_IGNORED, {})
     await s.tamper(*ips)
     await s.enforce(rollout=RolloutPolicy(canary_size=2, max_failure_rate=0.3))
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is True
     [halted] = s.events("rollout_halted")
     assert halted.severity == "critical"
@@ -561,7 +585,7 @@ async def test_healthy_waves_write_everyone_in_one_cycle(site: SiteFactory) -> N
     s: Site = await site()
     await s.tamper(*s.ips())
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0))
-    cycle = await s.agent.poll_cycle()  # waves of 1, 4, 8, 7
+    cycle = await s.cycle()  # waves of 1, 4, 8, 7
     assert cycle.enforcement is not None and cycle.enforcement["rollout_halted"] is False
     assert cycle.enforcement["verified"] == len(s.ips())
     canary = [e for e in s.events("pool_write") if "(canary)" in (e.detail or "")]
@@ -632,7 +656,7 @@ async def test_a_miner_dark_for_the_first_read_backs_is_verified_by_a_later_one(
     s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, restart, back)
     await s.tamper(ip)
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=0.0, verify_attempts=3))
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert dark == [True, True, False]
     assert s.true_pools(ip) == s.approved(ip)
     [verified] = s.events("pool_verified", ip)
@@ -657,7 +681,7 @@ async def test_a_miner_restarting_after_a_write_is_not_rebooted_or_called_ignore
     s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, nothing, reboot_itself)
     await s.tamper(ip)
     await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=1.0, verify_attempts=3))
-    await s.agent.poll_cycle()
+    await s.cycle()
     failed = s.events("pool_write_failed", ip)
     assert [e.data["cause"] for e in failed] == ["unreachable"]
     assert failed[0].data["attempts"] == 3
@@ -667,7 +691,7 @@ async def test_a_miner_restarting_after_a_write_is_not_rebooted_or_called_ignore
     assert pool_writes >= 1
     for _ in range(10):  # it comes back on the approved pools: verified, not written again
         await asyncio.sleep(0.5)
-        await s.agent.poll_cycle()
+        await s.cycle()
         if s.events("pool_verified", ip):
             break
     [verified] = s.events("pool_verified", ip)
@@ -684,7 +708,7 @@ async def test_a_miner_quarantined_before_a_restart_is_woken_when_claimed(
     ip = s.ips("whatsminer")[0]
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": False})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()
+    await s.cycle()
     assert s.shard.miner(ip).mode is Mode.SLEEP
     record = tmp_path / "quarantine.json"
     assert stat.S_IMODE(record.stat().st_mode) == 0o600
@@ -697,7 +721,7 @@ async def test_a_miner_quarantined_before_a_restart_is_woken_when_claimed(
     assert (await restarted.discover()).identified == 8
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     assert await restarted.offer_policy(s.bundle(quarantine_unregistered=True))
-    await restarted.poll_cycle()
+    await cycle(restarted)
     assert s.shard.miner(ip).mode is not Mode.SLEEP  # the simulator's true state
     assert [e.kind for e in s.events(ip=ip)] == ["quarantined", "released"]
     assert json.loads(record.read_text())["slept"] == []
@@ -720,7 +744,247 @@ async def test_a_miner_quarantined_by_a_one_shot_run_is_woken_by_the_daemon(
 
     s.machines[ip] = s.machines[ip].model_copy(update={"registered": True})
     await s.enforce(quarantine_unregistered=True)
-    await s.agent.poll_cycle()  # the daemon never slept it itself, yet wakes it
+    await s.cycle()  # the daemon never slept it itself, yet wakes it
     assert s.shard.miner(ip).mode is not Mode.SLEEP
     released = [e for e in s.events("released") if str(e.ip) == ip]
     assert len(released) == 1
+
+
+# --- writes apart from polling: the journal, recovery, the drift check -------------------------
+
+
+def journal_rows(path: Path, state: str | None = None) -> list[tuple[str, str, str]]:
+    """(kind, ip, state) of the journal's actions, read from its SQLite file as an operator
+    would (another connection, read-only)."""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT kind, ip, state FROM action ORDER BY rowid").fetchall()
+    return [(k, ip, st) for k, ip, st in rows if state is None or st == state]
+
+
+async def test_a_poll_cycle_never_waits_on_a_write(site: SiteFactory, tmp_path: Path) -> None:
+    # waves of one write with a long pause: the second write waits out the pause
+    s: Site = await site(miners=8, actions={"wave_size": 1, "wave_pause_s": 600})
+    tampered = s.ips()[:3]
+    await s.tamper(*tampered)
+    await s.enforce(rollout=RolloutPolicy(canary_size=3, max_failure_rate=1.0))
+    await s.agent.poll_cycle()  # offers the drift to the action worker
+    stop = asyncio.Event()
+    worker = asyncio.create_task(s.agent.work_actions(stop))
+    journal = tmp_path / "actions.sqlite3"
+    try:
+        await wait_until(
+            "one write done and the next waiting for its wave",
+            lambda: journal_rows(journal, "done") and journal_rows(journal, "planned"),
+        )
+        stored = s.outbox.stats().depth
+        cycle = await s.agent.poll_cycle()  # returns while a write is still waiting
+        assert cycle.ok == 8 and s.outbox.stats().depth > stored  # observations stored
+        assert journal_rows(journal, "planned")  # the write is still waiting: not awaited
+        assert s.agent.actions.busy(journal_rows(journal, "planned")[0][1])
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    [(_, first, _)] = journal_rows(journal, "done")
+    assert s.true_pools(first) == s.approved(first)
+    assert [e.kind for e in s.events(ip=first)] == ["pool_drift", "pool_write", "pool_verified"]
+
+
+async def test_an_agent_killed_mid_write_reads_back_and_does_not_write_again(
+    site: SiteFactory, tmp_path: Path
+) -> None:
+    s: Site = await site(miners=8)
+    ip = s.ips("antminer")[0]
+    dead = asyncio.Event()  # never set: the agent dies before the miner's answer is handled
+
+    async def dies() -> None:
+        await dead.wait()
+
+    async def nothing(reads: int) -> None:
+        return None
+
+    s.agent.enforcer.drivers = GoesDarkAfterWrite(s.agent.factory, ip, dies, nothing)
+    await s.tamper(ip)
+    await s.enforce(rollout=RolloutPolicy(canary_size=1, max_failure_rate=1.0))
+    await s.agent.poll_cycle()
+    journal = tmp_path / "actions.sqlite3"
+    doomed = asyncio.create_task(s.agent.enforce_pending())
+    await wait_until(
+        "the write applied on the miner while the agent still waits on it",
+        lambda: s.shard.miner(ip).writes and journal_rows(journal, "dispatched"),
+        within_s=10,
+    )
+    doomed.cancel()  # the agent dies here: the journal says dispatched, nothing says done
+    with contextlib.suppress(asyncio.CancelledError):
+        await doomed
+    assert journal_rows(journal, "dispatched") == [("set_pools", ip, "dispatched")]
+
+    guard = PolicyGuard(s.key.public_key_b64(), tmp_path / "policy.json", site=SITE)
+    restarted = FleetAgent(s.agent.config, s.outbox, policy=guard, enforcer_settings=FAST)
+    assert (await restarted.discover()).identified == 8
+    await cycle(restarted)
+    assert journal_rows(journal, "dispatched") == []
+    assert [r["op"] for r in await s.writes(ip)] == ["pools"]  # once, never again
+    assert s.true_pools(ip) == s.approved(ip)
+    [verified] = s.events("pool_verified", ip)
+    assert "after an agent restart" in (verified.detail or "")
+    assert verified.data["machine_id"] == s.machines[ip].machine_id
+    await cycle(restarted)
+    assert [r["op"] for r in await s.writes(ip)] == ["pools"]
+
+
+async def test_an_interrupted_reboot_is_reported_and_never_repeated(
+    site: SiteFactory, tmp_path: Path
+) -> None:
+    s: Site = await site(miners=4, mix="antminer=1")
+    ip = s.ips()[0]
+    action = Action(ActionKind.REBOOT, ip, machine_id=s.machines[ip].machine_id)
+    with Journal(tmp_path / "actions.sqlite3") as dead:  # what a killed run left on disk
+        dead.plan(action, datetime.now(UTC))
+        dead.dispatch(action.id, datetime.now(UTC))
+    await s.enforce()
+    await s.cycle()
+    [failed] = s.events("pool_write_failed", ip)
+    assert failed.data["cause"] == "pending_reboot" and "interrupted" in (failed.detail or "")
+    assert await s.writes(ip) == []  # not rebooted again
+    assert journal_rows(tmp_path / "actions.sqlite3") == [("reboot", ip, "failed")]
+
+
+async def test_the_pools_check_catches_a_hijack_between_full_polls(site: SiteFactory) -> None:
+    s: Site = await site(miners=8)
+    await s.enforce()
+    await s.cycle()
+    ip = s.ips("antminer")[0]
+    await s.tamper(ip)
+    check = await s.agent.check_pools()
+    assert check is not None and check.drifted == 1 and check.checked == 8
+    await s.agent.enforce_pending()
+    assert s.agent.cycles == 1  # caught without a full poll
+    assert s.true_pools(ip) == s.approved(ip)
+    # the same incident a full poll's drift opens: drift, write, verified
+    assert [e.kind for e in s.events(ip=ip)] == ["pool_drift", "pool_write", "pool_verified"]
+    again = await s.agent.check_pools()
+    assert again is not None and again.drifted == 0
+
+
+async def test_the_daemon_checks_pools_on_its_own_cadence(
+    farm: FarmFactory, tmp_path: Path
+) -> None:
+    shard = await farm(miners=6, mix=MIX, restart_seconds=0.0)
+    ips = sorted(shard.miners, key=ipaddress.IPv4Address)
+    key = SigningKey(private=Ed25519PrivateKey.generate(), path=tmp_path / "unused.pem")
+    config = AgentConfig.model_validate(
+        {
+            "agent_id": "agt-1",
+            "site": SITE,
+            "segments": [str(ipaddress.ip_network(f"{ips[0]}/24", strict=False))],
+            "data_dir": str(tmp_path),
+            "controller": {"url": "http://127.0.0.1:9", "public_key": key.public_key_b64()},
+            # a full poll an hour apart: only the pools check can see the hijack
+            "polling": {
+                "poll_interval_s": 3600.0,
+                "identity_interval_s": 3600.0,
+                "miner_timeout_s": 1.0,
+                "pools_check_interval_s": 1.0,
+            },
+            "uplink": {"timeout_s": 2.0, "backoff_initial_s": 0.2, "backoff_max_s": 1.0},
+        }
+    )
+    machines = [
+        MachinePolicy(
+            machine_id=f"M{n}",
+            serial=shard.miner(ip).reported_serial() or None,
+            mac=shard.miner(ip).mac,
+            worker=shard.miner(ip).pools[0].user,
+        )
+        for n, ip in enumerate(ips)
+    ]
+    now = datetime.now(UTC)
+    controller = StandInController()
+    controller.bundle = key.sign_bundle(
+        PolicyBundle(
+            version=1,
+            issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            content=PolicyContent(
+                site=SITE,
+                mode=EnforcementMode.ENFORCE,
+                pool_set=ApprovedPoolSet(name="DMP", urls=list(DEFAULT_POOLS), account="kzfarm01"),
+                machines=machines,
+            ),
+        )
+    )
+    daemon = Daemon(
+        config,
+        AgentSecrets(agent_secret=SecretStr("afa_" + "x" * 40)),
+        transport=httpx.ASGITransport(app=controller.app),
+        status_interval_s=0.5,
+        enforcer_settings=FAST,
+    )
+    task = asyncio.create_task(daemon.run(install_signals=False))
+    try:
+        await wait_until("the first cycle", lambda: daemon.agent and daemon.agent.cycles == 1)
+        await wait_until(
+            "a pools check", lambda: daemon.agent and daemon.agent.last_pools_check is not None
+        )
+        await shard.tamper_pools(ips[2], [FOREIGN_POOL], "malware")
+        await wait_until("the pool_verified event", lambda: controller.events("pool_verified"))
+        assert daemon.agent is not None and daemon.agent.cycles == 1  # no full poll since
+        assert [e.kind for e in controller.events() if str(e.ip) == ips[2]] == [
+            "pool_drift",
+            "pool_write",
+            "pool_verified",
+        ]
+        assert [(p.url, p.user) for p in shard.miner(ips[2]).pools if p.url] == [
+            (url, machines[2].worker) for url in DEFAULT_POOLS
+        ]
+
+        def status() -> dict[str, Any]:
+            data: dict[str, Any] = json.loads((tmp_path / "status.json").read_text())
+            return data
+
+        await wait_until(  # the one pool write
+            "the journal in the status file", lambda: status()["actions"]["journal"] == {"done": 1}
+        )
+        assert status()["last_pools_check"]["checked"] == len(ips)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def test_every_drift_write_and_failure_is_one_log_line_naming_the_miner(
+    site: SiteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    s: Site = await site(miners=8)
+    hijacked, dark = s.ips("antminer")[0], s.ips("whatsminer")[0]
+    await s.enforce()
+    await s.cycle()
+    await s.tamper(hijacked)
+    await s.shard.inject_fault(dark, Fault.OFFLINE, {})
+    caplog.clear()
+    caplog.set_level("INFO")
+    await s.cycle()
+
+    def lines(ip: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f"ip={ip} " in r.getMessage()]
+
+    def names(ip: str) -> str:
+        serial = s.shard.miner(ip).reported_serial()
+        return f"ip={ip}" + (f" serial={serial}" if serial else "")
+
+    machine = s.machines[hijacked].machine_id
+    said = lines(hijacked)
+    assert any(
+        line.startswith(f"pool drift on {names(hijacked)} machine={machine}:") for line in said
+    )
+    assert any(
+        line.startswith(f"write set_pools to {names(hijacked)} machine={machine}") for line in said
+    )
+    assert any(
+        line.startswith(f"pool_verified on {names(hijacked)} machine={machine}") for line in said
+    )
+    [unavailable] = [line for line in lines(dark) if line.startswith("miner_unavailable")]
+    assert unavailable.startswith(
+        f"miner_unavailable on {names(dark)} machine={s.machines[dark].machine_id}: "
+    )
+    assert all("\n" not in line for line in said)
