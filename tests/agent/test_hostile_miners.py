@@ -227,7 +227,7 @@ async def test_lone_surrogate_worker_is_non_compliant_not_an_error(
         avalon, Fault.HOSTILE_STRINGS, {"field": "worker", "value": "kzfarm01.\ud800"}
     )
     await s.enforce()
-    cycle = await s.agent.poll_cycle()
+    cycle = await s.cycle()  # the poll, then the enforcement pass over what it stored
     assert cycle.failed == 0 and cycle.errors == {}
     (drift,) = s.events("pool_drift", avalon)  # judged on its pools: it hides nothing
     assert any("worker" in p and MARK in p for p in drift.data["problems"]), drift.data
