@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 
+from agent.backoff import doubling_cycles
 from agent.drivers.base import Identity, normalise_mac
 from contract.reports import Event, EventSeverity, IdentityRecord, Observation, ReportBatch
 
@@ -129,9 +130,7 @@ class ScanDecision:
 
 def backoff_cycles(failures: int, cap: int) -> int:
     """Cycles until the next attempt after ``failures`` consecutive failures: 1, 2, 4 … cap."""
-    if failures <= 0:
-        return 1
-    return max(1, min(1 << min(failures - 1, 30), cap))
+    return doubling_cycles(failures, cap)
 
 
 def segment_of(ip: str, segments: Sequence[IPv4Network]) -> IPv4Network | None:

@@ -52,6 +52,7 @@ from typing import TypeVar
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from agent.backoff import full_jitter
 from agent.config import AgentConfig, AgentSecrets, describe_errors
 from agent.errors import (
     AgentError,
@@ -90,10 +91,7 @@ def backoff_delay(failures: int, *, initial_s: float, max_s: float, rng: random.
     Full jitter spreads the retries of many agents after a controller outage instead of having
     them all come back in the same second.
     """
-    if failures <= 0:
-        return 0.0
-    ceiling = min(max_s, initial_s * 2 ** min(failures - 1, 62))
-    return rng.uniform(0.0, ceiling)
+    return full_jitter(failures, initial_s, max_s, rng)
 
 
 def classify(

@@ -28,6 +28,7 @@ from ipaddress import IPv4Network
 
 from agent.actions.journal import Journal, JournalEntry
 from agent.actions.kinds import RETRYABLE_CAUSES, Action, ActionKind, ActionResult, ActionState
+from agent.backoff import doubling
 from agent.config import ActionsConfig
 from agent.coordinator import segment_of
 from agent.drivers.base import utcnow
@@ -64,7 +65,7 @@ class ActionSettings:
 
 def backoff_s(attempt: int, initial: float, cap: float) -> float:
     """Wait before retry ``attempt`` (1-based): initial, 2×, 4× … never more than ``cap``."""
-    return float(min(cap, initial * (2 ** min(max(0, attempt - 1), 30))))
+    return doubling(attempt, initial, cap)
 
 
 class SegmentGate:

@@ -64,6 +64,7 @@ from typing import Any, Protocol, TypeVar
 from agent.actions import Action, ActionKind, ActionResult, ActionRunner, Journal
 from agent.actions.journal import JournalEntry
 from agent.actions.kinds import miner_names
+from agent.backoff import doubling_cycles
 from agent.coordinator import Report, segment_of
 from agent.drivers.base import MinerDriver, PollSnapshot, utcnow
 from agent.enforce.decide import (
@@ -127,9 +128,7 @@ class EnforcerSettings:
 def retry_in_cycles(failures: int, cap: int) -> int:
     """Cycles to wait before rewriting a machine after ``failures`` failed writes in a row:
     1, 2, 4, 8 … never more than ``cap`` (and at least 1)."""
-    if failures <= 1:
-        return 1
-    return max(1, min(cap, 1 << min(failures - 1, 30)))
+    return doubling_cycles(failures, cap)
 
 
 def wave_sizes(total: int, canary_size: int) -> list[int]:
