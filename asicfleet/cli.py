@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from importlib.metadata import version as package_version
 from typing import Annotated
 
 import typer
 
 from agent.cli import app as agent_app
+from contract import CONTRACT_VERSION
 from controller.cli import app as controller_app
 from controller.cli.export import verify_export_command
 from simulator.cli import app as sim_app
@@ -22,8 +24,25 @@ app = typer.Typer(
 PRIVATE_UMASK = 0o077
 
 
+def _show_version(wanted: bool) -> None:
+    if wanted:
+        typer.echo(f"asicfleet {package_version('asicfleet')} (contract {CONTRACT_VERSION})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _private_files(ctx: typer.Context) -> None:
+def _private_files(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the asicfleet and wire-contract versions and exit.",
+        ),
+    ] = False,
+) -> None:
     """Whatever the caller's umask, what asicfleet creates is its owner's alone: directories
     0700 and files 0600 (databases and their WAL, keys, exports, outbox, policy, configs).
     Restored when the command ends, so an in-process caller keeps its own umask."""
