@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -105,4 +106,29 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     for module in (auth, users, sites, agents, ingest, machines, audit, pools, compliance, exports):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(metrics.router)
+    _document_refusals(app)
     return app
+
+
+def _document_refusals(app: FastAPI) -> None:
+    """Every operation that takes a credential documents the two ways it refuses one: 401 (no,
+    unknown, revoked or expired credential) and 403 (a role that may not do this)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if isinstance(operation, dict) and operation.get("security"):
+                        responses = operation.setdefault("responses", {})
+                        responses.setdefault("401", {"description": AUTH_401})
+                        responses.setdefault("403", {"description": AUTH_403})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+AUTH_401 = "No credential, or an unknown, revoked or expired one (WWW-Authenticate: Bearer)."
+AUTH_403 = "The credential is valid but its role (or kind: user or agent) may not do this."

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -69,13 +70,24 @@ def _unauthorized(detail: str) -> HTTPException:
     )
 
 
-def authenticate(request: Request, session: SessionDep) -> Principal:
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="A user's token from POST /api/v1/auth/token or /api/v1/users/me/tokens, "
+    "or an agent's credential from enrollment.",
+)
+"""Declares the scheme in the OpenAPI document; the checks are :func:`authenticate`'s."""
+
+
+def authenticate(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Principal:
     """Resolve the bearer token to a user (via an API token) or an agent (via its secret)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if credentials is None or not credentials.credentials.strip():
         raise _unauthorized("missing bearer token")
-    token = token.strip()
+    token = credentials.credentials.strip()
     digest = token_hash(token)
     source = request.client.host if request.client else ""
     now = datetime.now(UTC)

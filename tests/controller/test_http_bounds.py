@@ -253,3 +253,26 @@ def test_a_batch_sequence_past_the_column_is_a_422(app_client: TestClient, engin
         assert response.json()["detail"][0]["loc"] == ["body", "sequence"]
     batch = {"batch_id": str(uuid.uuid4()), "agent_clock": now, "sequence": 2**31 - 1}
     assert app_client.post(f"{API}/agent/reports", json=batch, headers=agent).status_code == 200
+
+
+def test_the_openapi_document_says_how_to_authenticate_and_how_refusals_look(
+    app_client: TestClient,
+) -> None:
+    """Clients generated from the document know the bearer scheme and the 401/403 answers."""
+    schema = app_client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schema["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    guarded = [
+        (path, method, op)
+        for path, ops in schema["paths"].items()
+        for method, op in ops.items()
+        if op.get("security")
+    ]
+    assert len(guarded) >= 40  # every route but the login itself
+    for path, method, op in guarded:
+        assert {"401", "403"} <= set(op["responses"]), (method, path)
+    login = schema["paths"]["/api/v1/auth/token"]["post"]
+    assert "security" not in login
