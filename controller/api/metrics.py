@@ -19,8 +19,18 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from controller.api.deps import SessionDep, require_any_user
-from controller.models import Agent, IngestedBatch, LifecycleState, Machine, RegisterEvent, utcnow
+from controller.api.deps import SessionDep, SettingsDep, require_any_user
+from controller.evidence import Rules
+from controller.evidence_report import compliance_status
+from controller.models import (
+    Agent,
+    IngestedBatch,
+    LatestObservation,
+    LifecycleState,
+    Machine,
+    RegisterEvent,
+    utcnow,
+)
 
 router = APIRouter()
 
@@ -34,6 +44,8 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 STALE = "stale"
 NEVER = "never"
+INFO = "info"  # the severity of events that only inform (never "open" work)
+COMPLIANCE_STATUSES = ("compliant", "non_compliant", "unknown", "exempt")
 
 
 @dataclass
@@ -46,6 +58,10 @@ class FleetSnapshot:
     batches_in_window: int = 0
     observations_in_window: int = 0
     open_events: dict[tuple[str, str], int] = field(default_factory=dict)
+    compliance_pct: dict[str, float] = field(default_factory=dict)
+    hashrate_ths: float = 0.0
+    power_w: float = 0.0
+    reporting_machines: int = 0
     now: datetime = field(default_factory=utcnow)
 
 
@@ -102,9 +118,37 @@ def fleet_metrics(snap: FleetSnapshot) -> Iterator[Metric]:
         snap.observations_in_window / window,
     )
 
+    compliance = GaugeMetricFamily(
+        "asicfleet_pool_compliance_percent",
+        "Share of tracked machines by pool compliance right now, as `compliance status` "
+        "reports it (compliant, non_compliant, unknown, exempt).",
+        labels=["status"],
+    )
+    for status in COMPLIANCE_STATUSES:
+        compliance.add_metric([status], snap.compliance_pct.get(status, 0.0))
+    yield compliance
+    yield GaugeMetricFamily(
+        "asicfleet_hashrate_ths",
+        "Sum of the latest reported hashrate (TH/s) of machines heard from within the stale "
+        "window (missing_after_minutes).",
+        snap.hashrate_ths,
+    )
+    yield GaugeMetricFamily(
+        "asicfleet_power_watts",
+        "Sum of the latest firmware-reported power (W) of the same machines (an estimate: "
+        "firmware figures are off by 5-20 %).",
+        snap.power_w,
+    )
+    yield GaugeMetricFamily(
+        "asicfleet_reporting_machines",
+        "Machines whose latest poll, within the stale window, reached them.",
+        snap.reporting_machines,
+    )
+
     events = GaugeMetricFamily(
         "asicfleet_open_events",
-        "Unresolved register events (duplicate serial, missing, swaps …).",
+        "Unresolved register events that need someone (duplicate serial, missing, swaps …); "
+        "informational events are not counted.",
         labels=["kind", "severity"],
     )
     for (kind, severity), count in sorted(snap.open_events.items()):
@@ -112,9 +156,13 @@ def fleet_metrics(snap: FleetSnapshot) -> Iterator[Metric]:
     yield events
 
 
-def read_snapshot(session: Session, now: datetime | None = None) -> FleetSnapshot:
-    """Aggregate the register, agents, recent ingestion receipts and open events."""
+def read_snapshot(
+    session: Session, now: datetime | None = None, rules: Rules | None = None
+) -> FleetSnapshot:
+    """Aggregate the register, agents, recent ingestion receipts, open events, compliance and
+    the latest hashrate and power."""
     now = now or utcnow()
+    rules = rules or Rules()
     snap = FleetSnapshot(now=now)
     state_rows = session.exec(
         select(Machine.lifecycle_state, func.count()).group_by(col(Machine.lifecycle_state))
@@ -133,9 +181,37 @@ def read_snapshot(session: Session, now: datetime | None = None) -> FleetSnapsho
     event_rows = session.exec(
         select(RegisterEvent.kind, RegisterEvent.severity, func.count())
         .where(col(RegisterEvent.resolved_at).is_(None))
+        .where(col(RegisterEvent.severity) != INFO)
         .group_by(col(RegisterEvent.kind), col(RegisterEvent.severity))
     ).all()
     snap.open_events = {(kind, severity): n for kind, severity, n in event_rows}
+    # The same reading as `compliance status`, over the last millisecond (the state now):
+    # one fact, one source.
+    fleet = compliance_status(
+        session, None, now - timedelta(milliseconds=1), now, rules=rules, now=now
+    ).fleet
+    if fleet.machines_tracked:
+        snap.compliance_pct = {
+            "compliant": fleet.compliant_pct,
+            "non_compliant": fleet.non_compliant_pct,
+            "unknown": fleet.unknown_pct,
+            "exempt": fleet.exempt_pct,
+        }
+    fresh = session.exec(
+        select(
+            func.count(),
+            func.coalesce(func.sum(LatestObservation.hashrate_ths), 0.0),
+            func.coalesce(func.sum(LatestObservation.power_w), 0.0),
+        ).where(
+            col(LatestObservation.reachable).is_(True),
+            col(LatestObservation.observed_at) >= now - rules.stale_after,
+        )
+    ).one()
+    snap.reporting_machines, snap.hashrate_ths, snap.power_w = (
+        int(fresh[0]),
+        float(fresh[1] or 0.0),
+        float(fresh[2] or 0.0),
+    )
     return snap
 
 
@@ -158,9 +234,9 @@ class FleetCollector:
 
 
 @router.get("/metrics", dependencies=[Depends(require_any_user)], include_in_schema=False)
-def metrics(session: SessionDep) -> Response:
+def metrics(session: SessionDep, settings: SettingsDep) -> Response:
     """The Prometheus text exposition; scrape it with a user's API token (any role)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(read_snapshot(session)))
+    registry.register(FleetCollector(read_snapshot(session, rules=Rules.of(settings))))
     ProcessCollector(registry=registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

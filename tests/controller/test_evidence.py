@@ -524,3 +524,35 @@ def test_report_arithmetic() -> None:
     assert is_repeat_offender([at(0), at(600), at(1400)], 3, day)
     assert not is_repeat_offender([at(0), at(600), at(1500)], 3, day)
     assert streak_start([at(0), at(2000), at(3000), at(4000)], day) == at(2000)
+
+
+def test_metrics_show_compliance_hashrate_and_power_as_the_status_does(farm: Farm) -> None:
+    """/metrics reads compliance from the same place as `compliance status`, right now."""
+    from tests.controller.test_platform import _sample
+
+    def scrape() -> str:
+        response = farm.client.get("/metrics", headers=farm.user.headers)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    now = datetime.now(UTC)
+    hijacked = {**farm.poll(now - timedelta(seconds=5), farm.evil()), "hashrate_ths": 95.5}
+    farm.post(observations=[{**hijacked, "power_w": 3250.0}])
+    body = scrape()
+    assert _sample(body, "asicfleet_pool_compliance_percent", status="non_compliant") == 100
+    assert _sample(body, "asicfleet_pool_compliance_percent", status="compliant") == 0
+    status = farm.get("/api/v1/compliance/status", since="1h")
+    assert status["fleet"]["non_compliant_now"] == [farm.machine_id]
+    assert _sample(body, "asicfleet_hashrate_ths") == 95.5
+    assert _sample(body, "asicfleet_power_watts") == 3250.0
+    assert _sample(body, "asicfleet_reporting_machines") == 1
+    fixed = {**farm.poll(now, farm.good()), "hashrate_ths": 96.0, "power_w": 3300.0}
+    farm.post(observations=[fixed])
+    body = scrape()
+    assert _sample(body, "asicfleet_pool_compliance_percent", status="compliant") == 100
+    assert _sample(body, "asicfleet_power_watts") == 3300.0
+    # an informational event is news, not open work
+    with Session(farm.engine) as session:
+        session.add(RegisterEvent(kind="moved", severity="info"))
+        session.commit()
+    assert 'kind="moved"' not in scrape()
