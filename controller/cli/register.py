@@ -61,7 +61,7 @@ def _machines_table(machines: list[MachinePublic], total: int) -> Table:
             m.reported_serial or "",
             m.mac or "",
             m.current_ip or "",
-            " ".join(p for p in (m.vendor, m.model) if p),
+            machine_name(m.vendor, m.model),
             _when(m.last_seen),
             ", ".join(flags),
         )
@@ -89,11 +89,35 @@ def _print_detail(detail: MachineDetail) -> None:
         console.print("latest observation: none")
     else:
         state = "reachable" if obs.reachable else f"unreachable ({obs.error or 'no answer'})"
-        console.print(
-            f"latest observation {_when(obs.observed_at)}: {state}, "
-            f"mining={obs.is_mining}, {obs.hashrate_ths} TH/s, {obs.power_w} W, "
-            f"{obs.temperature_c} °C, ip {obs.ip}"
+        readings = ", ".join(
+            text
+            for text in (
+                _reading("mining", obs.is_mining),
+                _reading("", obs.hashrate_ths, "TH/s"),
+                _reading("", obs.power_w, "W"),
+                _reading("", obs.temperature_c, "°C"),
+                f"ip {obs.ip}" if obs.ip else "",
+            )
+            if text
         )
+        console.print(f"latest observation {_when(obs.observed_at)}: {state}, {readings}")
+
+
+def machine_name(vendor: str | None, model: str | None) -> str:
+    """``Antminer S19j Pro``, not ``AntMiner Antminer S19j Pro``: the vendor only where the
+    model does not already start with it."""
+    if vendor and model and model.casefold().startswith(vendor.casefold()):
+        return model
+    return " ".join(p for p in (vendor, model) if p)
+
+
+def _reading(name: str, value: float | bool | None, unit: str = "") -> str:
+    """One reading of a poll, or "" when the miner did not report it (never "None W")."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return f"{name}={'yes' if value else 'no'}"
+    return f"{value:g} {unit}".strip()
 
 
 def _import_table(result: ImportResult) -> Table:

@@ -786,3 +786,33 @@ def test_console_actor_is_an_actor(engine: Engine, farm: dict[str, Machine]) -> 
         session.commit()
     (entry,) = audit_entries(engine, "machine.claim")
     assert (entry.actor, entry.source) == ("cli:someone", "cli")
+
+
+def test_the_console_names_a_model_once_and_prints_no_none(cli: CliInvoker, engine: Engine) -> None:
+    """pyasic's vendor is "AntMiner" and its model "Antminer S19j Pro"; an unreported power
+    reading is left out, not printed as "None W"."""
+    site = add_site(engine, "alpha")
+    machine = add_machine(
+        engine,
+        site_id=site,
+        vendor="AntMiner",
+        model="Antminer S19j Pro",
+        current_ip="127.9.0.7",
+    )
+    with Session(engine) as session:
+        assert machine.id is not None
+        session.add(
+            LatestObservation(
+                machine_pk=machine.id, observed_at=datetime.now(UTC), reachable=True,
+                is_mining=True, hashrate_ths=104.5, power_w=None, temperature_c=None,
+                ip="127.9.0.7",
+            )
+        )  # fmt: skip
+        session.commit()
+    listed = cli("machines", "list", "--site", "alpha")
+    assert listed.exit_code == 0, listed.output
+    assert "Antminer S19j Pro" in listed.stdout and "AntMiner Antminer" not in listed.stdout
+    shown = cli("machines", "show", machine.machine_id)
+    assert shown.exit_code == 0, shown.output
+    assert "reachable, mining=yes, 104.5 TH/s, ip 127.9.0.7" in shown.stdout
+    assert "None" not in shown.stdout.split("latest observation", 1)[1]
