@@ -231,7 +231,12 @@ def register(app: typer.Typer) -> None:
     def import_claims(
         ctx: typer.Context,
         file: Annotated[
-            Path, typer.Argument(metavar="FILE.csv", help="mac or ip, site, …, label_serial")
+            Path,
+            typer.Argument(
+                metavar="FILE.csv",
+                help="Header: mac or ip (or machine_id), site, container, rack, shelf, slot, "
+                "label_serial, and optionally override_reason (see docs/controller.md).",
+            ),
         ],
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Check the file; import nothing.")
