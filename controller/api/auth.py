@@ -34,12 +34,14 @@ _MULTIPART = "multipart/form-data"
 
 
 async def login_body(request: Request) -> LoginRequest:
-    """Accept ``{"name", "password"}`` as JSON, or ``username``/``password`` as an OAuth2 form."""
+    """Accept ``{"name", "password"}`` as JSON, or ``username``/``password`` as an OAuth2 form;
+    either body may call the user ``name`` or ``username`` (one spelling may not be given two
+    different values)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw: Any
     if content_type in (_FORM, _MULTIPART):
         form = await request.form()
-        raw = {"name": form.get("username"), "password": form.get("password")}
+        raw = {k: form.get(k) for k in ("name", "username", "password") if k in form}
     elif content_type in ("application/json", ""):
         body = await request.body()
         try:
@@ -50,6 +52,10 @@ async def login_body(request: Request) -> LoginRequest:
             raise _invalid("body", 'expected a JSON object {"name": ..., "password": ...}')
     else:
         raise _invalid("body", f"expected application/json or {_FORM}, got {content_type}")
+    if "username" in raw:
+        username = raw.pop("username")
+        if raw.setdefault("name", username) != username:
+            raise _invalid("body", "name and username name different users: give one")
     try:
         return LoginRequest.model_validate(raw)
     except ValidationError as exc:

@@ -84,6 +84,17 @@ def test_login_with_json_and_with_oauth2_form(
         data={"username": "tess", "password": PASSWORD, "grant_type": "password"},
     )
     assert form.status_code == 200, form.text
+    # one spelling for both bodies: JSON may say username, the form may say name
+    as_username = app_client.post(
+        "/api/v1/auth/token", json={"username": "tess", "password": PASSWORD}
+    )
+    assert as_username.status_code == 200, as_username.text
+    named_form = app_client.post("/api/v1/auth/token", data={"name": "tess", "password": PASSWORD})
+    assert named_form.status_code == 200, named_form.text
+    both = app_client.post(
+        "/api/v1/auth/token", json={"name": "tess", "username": "olga", "password": PASSWORD}
+    )
+    assert both.status_code == 422 and "name and username" in both.text
 
     with Session(engine) as session:
         row = session.exec(
@@ -93,7 +104,7 @@ def test_login_with_json_and_with_oauth2_form(
     assert row.expires_at is not None
     assert timedelta(hours=11, minutes=59) < row.expires_at - utcnow() <= timedelta(hours=12)
     logins = audit_entries(engine, "auth.login")
-    assert [e.actor for e in logins] == ["tess", "tess"]
+    assert [e.actor for e in logins] == ["tess"] * 4
     assert logins[0].source == "testclient"
 
 
