@@ -88,7 +88,6 @@ from contract.compliance import assess_pools
 from contract.enforcement import EnforcementEvent, EnforcementFacts, FailureCause
 from contract.policy import ApprovedPoolSet, EnforcementMode, PolicyBundle, PolicyContent
 from contract.reports import Event, EventSeverity, Observation, PoolReading
-from firmware_profiles import ResolvedProfile
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class DriverSource(Protocol):
     """Where drivers come from (the agent's :class:`~agent.drivers.factory.DriverFactory`)."""
 
     @property
-    def drivers(self) -> Mapping[str, Any]: ...
+    def drivers(self) -> Mapping[str, MinerDriver]: ...
 
     def driver_for(self, ip: str) -> Awaitable[MinerDriver]: ...
 
@@ -231,11 +230,11 @@ class EnforcementResult:
         return data
 
 
-def capabilities_of(driver: object) -> tuple[bool, str | None, int | None, bool]:
+def capabilities_of(driver: MinerDriver | None) -> tuple[bool, str | None, int | None, bool]:
     """(can_set_pools, why not, pool slots, can_sleep) from the driver's firmware profile."""
-    profile = getattr(driver, "profile", None)
-    family = getattr(driver, "family", "this firmware")
-    if not isinstance(profile, ResolvedProfile):
+    profile = None if driver is None else driver.profile
+    family = "this firmware" if driver is None else driver.family
+    if profile is None:
         return False, f"no firmware profile for {family}: pool writes are not known", None, False
     caps = profile.capabilities
     why = None if caps.can_set_pools else f"{family} firmware cannot set pools (can_set_pools)"
