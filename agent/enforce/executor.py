@@ -309,7 +309,7 @@ class Enforcer:
             ip=ip,
             serial=observation.serial,
             mac=observation.mac,
-            family=getattr(driver, "family", None),
+            family=None if driver is None else driver.family,
             reachable=observation.reachable,
             pools=tuple(observation.pools) if read else None,
             is_mining=observation.is_mining,
