@@ -257,8 +257,8 @@ def scan(
     """Find and identify the miners in CIDR: a table (IP, make, model, firmware, serial, MAC),
     or a JSON list with exactly those keys."""
     from agent.discovery import Discovery, check_allowed, parse_network
+    from agent.drivers import DriverOptions
     from agent.drivers.factory import DriverFactory
-    from agent.drivers.pyasic_backend import DriverOptions
 
     loaded = _load(config) if config is not None else None
     try:
@@ -369,8 +369,8 @@ def poll(
 
 async def _poll_one(ip: str, logins: dict[str, MinerLogin], timeout_s: float) -> dict[str, Any]:
     from agent.discovery import probe
+    from agent.drivers import DriverOptions
     from agent.drivers.factory import DriverFactory
-    from agent.drivers.pyasic_backend import DriverOptions
     from agent.errors import Unreachable
 
     if not await probe(ip, timeout_s=min(timeout_s, 2.0)):

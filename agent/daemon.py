@@ -61,9 +61,9 @@ from agent.coordinator import (
     segment_of,
 )
 from agent.discovery import Discovery
+from agent.drivers import DriverOptions
 from agent.drivers.base import Identity, MinerLogin, PollSnapshot, utcnow
 from agent.drivers.factory import DriverFactory
-from agent.drivers.pyasic_backend import DriverOptions
 from agent.enforce.decide import CannotEnforce, WritePools, decide
 from agent.enforce.executor import EnforcementResult, Enforcer, EnforcerSettings
 from agent.errors import AgentError, DriverError, OutboxError, OutboxFull, Timeout, UplinkError

@@ -15,13 +15,17 @@ AgentError
 │   ├── AuthFailed              the miner refused our credentials
 │   ├── Unsupported             this firmware cannot do that (or we cannot do it for it)
 │   └── MalformedReply          it answered, but not with anything we can parse
-├── ProfileError                a firmware profile file is malformed (file and field named)
 └── ScanRefused                 an address or CIDR outside the segments this agent may touch
+
+ProfileError (a firmware profile file is malformed, file and field named) is re-exported from
+:mod:`firmware_profiles.errors`: the profiles import nothing from the agent, so it is not an
+AgentError.
 """
 
 from __future__ import annotations
 
 from contract.text import clean_text
+from firmware_profiles.errors import ProfileError as ProfileError  # re-exported
 
 MAX_REASON = 1000
 """Longest reason a DriverError keeps (an observation's error field takes 1,024)."""
@@ -137,10 +141,6 @@ class MalformedReply(DriverError):
     """The miner answered with something that is not the protocol (garbage, truncated, huge)."""
 
     kind = "malformed"
-
-
-class ProfileError(AgentError):
-    """A firmware profile file is malformed; the message names the file and the field."""
 
 
 class ScanRefused(AgentError):

@@ -20,8 +20,8 @@ model with nameplate hashrate/power and optional overrides of any capability::
     [models."AvalonMiner 1366".capabilities]
     power_target = { min_w = 2000, max_w = 3300 }
 
-A malformed file is refused with :class:`agent.errors.ProfileError` naming the file and the
-field, so a typo never silently turns a capability off.
+A malformed file is refused with :class:`firmware_profiles.errors.ProfileError` naming the file
+and the field, so a typo never silently turns a capability off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.errors import ProfileError
+from firmware_profiles.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).resolve().parent
 

@@ -14,7 +14,8 @@ from agent.drivers.base import (
     PoolTarget,
 )
 from agent.drivers.factory import DriverFactory, identify
-from agent.drivers.pyasic_backend import HOT_FIELDS, DriverOptions, PyasicDriver
+from agent.drivers.options import DriverOptions
+from agent.drivers.pyasic_backend import HOT_FIELDS, PyasicDriver
 
 __all__ = [
     "HOT_FIELDS",

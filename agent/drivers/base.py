@@ -20,6 +20,7 @@ from agent.errors import DriverError, Unsupported
 from contract.compliance import DEVFEE_URL, bare_host
 from contract.reports import IdentityRecord, Observation, PoolReading
 from contract.text import clean_text, max_length
+from firmware_profiles import ResolvedProfile
 
 DEVFEE = "devfee"
 USER = "user"
@@ -249,6 +250,9 @@ class MinerDriver(ABC):
 
     ip: str
     family: str
+    profile: ResolvedProfile | None = None
+    """What this miner's firmware (and model, once identified) can do; None when no profile
+    matches its family: callers then assume no write is known to work."""
 
     @abstractmethod
     async def identify(self) -> Identity:

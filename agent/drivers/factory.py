@@ -20,9 +20,10 @@ import pyasic
 from pyasic.miners.factory import MinerFactory, MinerTypes, miner_factory
 
 from agent.drivers import fastpath
-from agent.drivers.base import Credentials, MinerLogin
+from agent.drivers.base import Credentials, MinerDriver, MinerLogin
 from agent.drivers.bounded import run_bounded
-from agent.drivers.pyasic_backend import DriverOptions, PyasicDriver, classify
+from agent.drivers.options import DriverOptions
+from agent.drivers.pyasic_backend import PyasicDriver, classify
 from agent.errors import DriverError, Timeout, Unreachable, Unsupported
 from firmware_profiles import Profiles, load_profiles
 
@@ -95,9 +96,9 @@ class DriverFactory:
     options: DriverOptions = field(default_factory=DriverOptions)
     identify_timeout: float = DEFAULT_IDENTIFY_TIMEOUT_S
     profiles: Profiles = field(default_factory=load_profiles)
-    _drivers: dict[str, PyasicDriver] = field(default_factory=dict, init=False, repr=False)
+    _drivers: dict[str, MinerDriver] = field(default_factory=dict, init=False, repr=False)
 
-    async def driver_for(self, ip: str) -> PyasicDriver:
+    async def driver_for(self, ip: str) -> MinerDriver:
         """The kept driver, or a new one after identification."""
         driver = self._drivers.get(ip)
         if driver is None:
@@ -110,10 +111,10 @@ class DriverFactory:
         self._drivers.pop(ip, None)
 
     @property
-    def drivers(self) -> Mapping[str, PyasicDriver]:
+    def drivers(self) -> Mapping[str, MinerDriver]:
         return self._drivers
 
-    async def create(self, ip: str) -> PyasicDriver:
+    async def create(self, ip: str) -> MinerDriver:
         """pyasic's factory under our deadline and byte cap (:mod:`agent.drivers.bounded`: its
         tasks and sockets end at the deadline), cross-checked, wrapped in a PyasicDriver."""
 
@@ -154,7 +155,7 @@ async def identify(
     credentials: Credentials | None = None,
     options: DriverOptions | None = None,
     identify_timeout: float = DEFAULT_IDENTIFY_TIMEOUT_S,
-) -> PyasicDriver:
+) -> MinerDriver:
     """One-off: identify ``ip`` and return its driver (no caching)."""
     factory = DriverFactory(
         credentials=credentials or {},

@@ -29,10 +29,10 @@ from agent.drivers.base import (
     pool_kind,
     utcnow,
 )
+from agent.drivers.options import MAX_REPLY_BYTES as MAX_REPLY_BYTES  # re-exported
 from agent.errors import AuthFailed, DriverError, MalformedReply, Timeout, Unreachable
 
 RPC_PORT = 4028
-MAX_REPLY_BYTES = 1 << 20  # a full stats reply is ~5-11 KB; anything near a MiB is garbage
 MAX_COUNT = 16
 """Most fans or boards a reply may claim (the contract keeps 16 fan readings)."""
 COMMANDS: dict[str, tuple[str, ...]] = {

@@ -25,7 +25,6 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -51,6 +50,7 @@ from agent.drivers.base import (
     utcnow,
 )
 from agent.drivers.bounded import run_bounded
+from agent.drivers.options import DriverOptions as DriverOptions  # re-exported
 from agent.errors import (
     AuthFailed,
     DriverError,
@@ -77,16 +77,6 @@ _UNREACHABLE_WORDS = re.compile(
 )
 _SN = re.compile(r"SN:\s*(\S+)")
 _NO_SERIAL = {"", "N/A", "NA", "NONE", "NULL", "UNKNOWN"}
-
-
-@dataclass(frozen=True, slots=True)
-class DriverOptions:
-    """Per-miner timeouts and the fast-path switch."""
-
-    timeout: float = 5.0
-    write_timeout: float = 20.0
-    fast_path: bool = True
-    max_reply_bytes: int = fastpath.MAX_REPLY_BYTES
 
 
 def classify(exc: BaseException, ip: str, doing: str) -> DriverError:

@@ -89,7 +89,6 @@ from contract.compliance import assess_pools
 from contract.enforcement import EnforcementEvent, EnforcementFacts, FailureCause
 from contract.policy import ApprovedPoolSet, EnforcementMode, PolicyBundle, PolicyContent
 from contract.reports import Event, EventSeverity, Observation, PoolReading
-from firmware_profiles import ResolvedProfile
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class DriverSource(Protocol):
     """Where drivers come from (the agent's :class:`~agent.drivers.factory.DriverFactory`)."""
 
     @property
-    def drivers(self) -> Mapping[str, Any]: ...
+    def drivers(self) -> Mapping[str, MinerDriver]: ...
 
     def driver_for(self, ip: str) -> Awaitable[MinerDriver]: ...
 
@@ -230,11 +229,11 @@ class EnforcementResult:
         return data
 
 
-def capabilities_of(driver: object) -> tuple[bool, str | None, int | None, bool]:
+def capabilities_of(driver: MinerDriver | None) -> tuple[bool, str | None, int | None, bool]:
     """(can_set_pools, why not, pool slots, can_sleep) from the driver's firmware profile."""
-    profile = getattr(driver, "profile", None)
-    family = getattr(driver, "family", "this firmware")
-    if not isinstance(profile, ResolvedProfile):
+    profile = None if driver is None else driver.profile
+    family = "this firmware" if driver is None else driver.family
+    if profile is None:
         return False, f"no firmware profile for {family}: pool writes are not known", None, False
     caps = profile.capabilities
     why = None if caps.can_set_pools else f"{family} firmware cannot set pools (can_set_pools)"
@@ -309,7 +308,7 @@ class Enforcer:
             ip=ip,
             serial=observation.serial,
             mac=observation.mac,
-            family=getattr(driver, "family", None),
+            family=None if driver is None else driver.family,
             reachable=observation.reachable,
             pools=tuple(observation.pools) if read else None,
             is_mining=observation.is_mining,

@@ -20,9 +20,9 @@ from agent.actions import ActionRunner, ActionSettings, Journal
 from agent.config import AgentConfig
 from agent.coordinator import Report, pack
 from agent.discovery import Discovery
+from agent.drivers import DriverOptions
 from agent.drivers.base import MinerLogin, PollSnapshot, utcnow
 from agent.drivers.factory import DriverFactory
-from agent.drivers.pyasic_backend import DriverOptions
 from agent.enforce.executor import EnforcementResult, Enforcer, EnforcerSettings
 from agent.errors import AgentError, DriverError
 from agent.outbox import Outbox

@@ -9,9 +9,9 @@ import pytest
 
 from agent.coordinator import PollCoordinator
 from agent.discovery import Discovery, check_allowed, hosts, parse_network, probe
+from agent.drivers import DriverOptions
 from agent.drivers.base import normalise_mac, utcnow
 from agent.drivers.factory import DriverFactory
-from agent.drivers.pyasic_backend import DriverOptions
 from agent.errors import ScanRefused
 from simulator.state import Fault
 from tests.conftest import FarmFactory
