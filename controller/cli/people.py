@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from sqlmodel import Session, select
 
-from controller import accounts, enrollment, sites
+from controller import accounts, enrollment, sites, timefmt
 from controller.actors import Actor, cli_actor
 from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
@@ -199,8 +199,8 @@ def agent_token(
         lifetime = timedelta(seconds=context(ctx).settings().enrollment_ttl_s)
     else:
         try:
-            lifetime = enrollment.parse_duration(ttl)
-        except ValueError as exc:
+            lifetime = timefmt.parse_duration(ttl, "--ttl")
+        except timefmt.TimeFormatError as exc:
             fail(str(exc), code=2)
     actor = acting_user(
         ctx,
@@ -292,11 +292,11 @@ def login(
 ) -> None:
     """Prove who you are once; later commands act as you without --as (token stored 0600)."""
     try:
-        lifetime = enrollment.parse_duration(ttl)
-    except ValueError as exc:
+        lifetime = timefmt.parse_duration(ttl, "--ttl")
+    except timefmt.TimeFormatError as exc:
         fail(str(exc), code=2)
     if not timedelta(minutes=1) <= lifetime <= timedelta(days=365):
-        fail(f"--ttl {ttl}: give between 1m and 365d", code=2)
+        fail(f"--ttl {ttl!r}: give between 1m and 365d", code=2)
     me = by_password(ctx, ByPassword(as_user, from_stdin=password_stdin))  # never a token
 
     def issue(session: Session) -> accounts.IssuedToken:
