@@ -28,6 +28,8 @@ INSTANT_FORM = "an ISO 8601 time with a zone (2026-11-01T08:00Z), a date (2026-1
 PERIOD_FORM = "FROM..TO, e.g. 2026-10-01..2026-11-01 (TO excluded)"
 DURATION_FORM = "a positive duration such as 90s, 15m, 12h, 7d or 1h30m"
 
+HELP = "Times, periods and durations: docs/controller.md, 'Times and periods'."
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

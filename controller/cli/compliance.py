@@ -145,7 +145,9 @@ def _alerts_table(alerts: list[AlertView]) -> Table:
 
 def register(app: typer.Typer) -> None:
     """Add the ``compliance`` group and the ``alerts`` command to `asicfleet controller`."""
-    group = typer.Typer(help="Pool-compliance evidence: status over a period, timelines.")
+    group = typer.Typer(
+        help=f"Pool-compliance evidence: status over a period, timelines. {timefmt.HELP}"
+    )
     app.add_typer(group, name="compliance", no_args_is_help=True)
 
     @group.command("status")

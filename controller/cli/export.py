@@ -103,7 +103,7 @@ ZipOpt = Annotated[bool, typer.Option("--zip", help="Also write OUT.zip beside t
 def register(app: typer.Typer) -> None:
     """Add the ``export`` group to the `asicfleet controller` group."""
     group = typer.Typer(
-        help="Signed compliance exports: register, compliance report, audit log.",
+        help=f"Signed compliance exports: register, compliance report, audit log. {timefmt.HELP}",
         no_args_is_help=True,
     )
     app.add_typer(group, name="export")

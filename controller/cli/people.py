@@ -189,7 +189,8 @@ def agent_token(
         list[str], typer.Option(help="CIDR the agent will report from (repeatable).")
     ],
     ttl: Annotated[
-        str | None, typer.Option(help="How long the token is valid, e.g. 30m, 1h, 2d.")
+        str | None,
+        typer.Option(help=f"How long the token is valid, e.g. 30m, 1h, 2d. {timefmt.HELP}"),
     ] = None,
     as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
@@ -287,7 +288,7 @@ def login(
     as_user: Annotated[str, typer.Option("--as", metavar="USER", help="Your controller user.")],
     password_stdin: StdinOpt = False,
     ttl: Annotated[
-        str, typer.Option(help="How long the stored token works, e.g. 12h, 30d.")
+        str, typer.Option(help=f"How long the stored token works, e.g. 12h, 30d. {timefmt.HELP}")
     ] = DEFAULT_LOGIN_TTL,
 ) -> None:
     """Prove who you are once; later commands act as you without --as (token stored 0600)."""

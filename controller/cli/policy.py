@@ -41,7 +41,8 @@ policy_app = typer.Typer(
     help="A site's enforcement settings and the dry run of a change.", no_args_is_help=True
 )
 exemptions_app = typer.Typer(
-    help="Time-boxed exemptions of machines from pool enforcement.", no_args_is_help=True
+    help=f"Time-boxed exemptions of machines from pool enforcement. {timefmt.HELP}",
+    no_args_is_help=True,
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
