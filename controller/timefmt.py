@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta
+from typing import Annotated
+
+from pydantic import BeforeValidator, ValidationInfo
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # before any evidence this controller can hold
 LATEST = datetime(3000, 1, 1, tzinfo=UTC)  # beyond this the reports' date arithmetic overflows
@@ -137,3 +140,19 @@ def resolve_period(
     if lo >= hi:
         raise TimeFormatError(names[0], start, f"must be before {names[1]} {hi.isoformat()}")
     return lo, hi
+
+
+def _body_instant(value: object, info: ValidationInfo) -> object:
+    """A JSON string is read by :func:`parse_instant`; a datetime from Python code passes."""
+    what = info.field_name or "time"
+    if isinstance(value, str):
+        return parse_instant(value, what, now=datetime.now(UTC))
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise TimeFormatError(what, value.isoformat(), "has no time zone; add Z for UTC")
+        return value.astimezone(UTC)
+    return value
+
+
+Instant = Annotated[datetime, BeforeValidator(_body_instant)]
+"""An instant in an API body, by the same rule and wording as the options and query parameters."""

@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from controller import timefmt
+from tests.controller.conftest import TestUser
 
 NOW = datetime(2026, 11, 20, 12, 30, 15, 250000, tzinfo=UTC)
 
@@ -148,3 +150,24 @@ def test_no_api_module_imports_the_cli() -> None:
             if any(n == "controller.cli" or n.startswith("controller.cli.") for n in names):
                 offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
     assert offenders == []
+
+
+def test_api_bodies_follow_the_same_rule() -> None:
+    from pydantic import ValidationError
+
+    from controller.exemptions import ExemptionRequest
+
+    made = ExemptionRequest(reason="PSU swap", ends_at="2026-12-01", starts_at="now")  # type: ignore[arg-type]
+    assert made.ends_at == at("2026-12-01T00:00+00:00") and made.starts_at is not None
+    with pytest.raises(ValidationError) as caught:
+        ExemptionRequest(reason="PSU swap", ends_at="2026-12-01T08:00")  # type: ignore[arg-type]
+    assert "ends_at '2026-12-01T08:00': has no time zone; add Z for UTC" in str(caught.value)
+
+
+def test_api_query_times_use_the_wording(app_client: TestClient, admin: TestUser) -> None:
+    for path in ("/api/v1/compliance/status", "/api/v1/machines/nothing/compliance"):
+        response = app_client.get(path, params={"start": "2026-11-01T08:00"}, headers=admin.headers)
+        assert response.status_code == 422
+        assert response.json() == {
+            "detail": "start '2026-11-01T08:00': has no time zone; add Z for UTC"
+        }
