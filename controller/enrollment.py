@@ -7,7 +7,6 @@ segments it may report from, and the controller's public key to pin. Callers com
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from controller.sites import ensure_segments, get_site, site_names
 
 MIN_TTL = timedelta(minutes=1)
 MAX_TTL = timedelta(days=7)
-_DURATION_PART = re.compile(r"(\d+)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class EnrollmentDenied(ControllerError):
@@ -83,17 +80,6 @@ class _AgentActor:
 
 
 # --- pure rules ---------------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``30m``, ``1h``, ``2d``, ``1h30m`` or plain seconds; ValueError if not."""
-    text = text.strip().lower()
-    if text.isdigit():
-        return timedelta(seconds=int(text))
-    parts = _DURATION_PART.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 30m, 1h, 2d, 1h30m)")
-    return timedelta(seconds=sum(int(n) * _UNITS[u] for n, u in parts))
 
 
 def ttl_problem(ttl: timedelta) -> str | None:

@@ -419,39 +419,3 @@ def open_alerts(session: Session, site: str | None = None, limit: int = 500) -> 
         )
         for r in conn.execute(query)
     ]
-
-
-DEFAULT_PERIOD = timedelta(hours=24)
-
-
-EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)  # before any evidence this controller can hold
-LATEST_TIME = datetime(3000, 1, 1, tzinfo=UTC)
-
-
-def resolve_period(
-    start: datetime | None, end: datetime | None, now: datetime, default: timedelta = DEFAULT_PERIOD
-) -> tuple[datetime, datetime]:
-    """``[start, end)`` with defaults (end: now; start: ``default`` before end); naive times are
-    taken as UTC. Raises ``ValueError`` with a one-line reason when the period is empty."""
-    end = _utc(end) if end is not None else now
-    start = _utc(start) if start is not None else None
-    if not all(EARLIEST_TIME <= t <= LATEST_TIME for t in (start or end, end)):
-        # Outside these the date arithmetic of the report (windows before start) overflows.
-        raise ValueError(
-            f"the period must lie between {EARLIEST_TIME.date()} and {LATEST_TIME.date()}, "
-            f"got {'…' if start is None else start.isoformat()} .. {end.isoformat()}"
-        )
-    if start is None:
-        start = max(EARLIEST_TIME, end - default)
-    if start >= end:
-        raise ValueError(
-            f"the period is empty: start {start.isoformat()} is not before end {end.isoformat()}"
-        )
-    return start, end
-
-
-def _utc(value: datetime) -> datetime:
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # year 1 or 9999 with an offset
-        raise ValueError(f"{value.isoformat()} is out of range") from None

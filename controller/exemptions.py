@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from contract._base import AwareDatetime
+from controller import timefmt
 from controller.actors import record
 from controller.errors import Conflict, ControllerError, NotFound, Refused
 from controller.models import Exemption, Machine, Site, utcnow
@@ -74,8 +74,10 @@ class ExemptionRequest(BaseModel):
     model_config = ConfigDict(str_strip_whitespace=True, extra="forbid")
 
     reason: str = Field(min_length=1, max_length=1024)
-    ends_at: AwareDatetime = Field(description="when enforcement resumes (at most 30 days)")
-    starts_at: AwareDatetime | None = Field(default=None, description="default: now")
+    ends_at: timefmt.Instant = Field(
+        description="when enforcement resumes (at most 30 days); see Times and periods"
+    )
+    starts_at: timefmt.Instant | None = Field(default=None, description="default: now")
 
 
 class RevokeRequest(BaseModel):

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 
+from controller import timefmt
 from controller.alerts import ResolvedAlert, ResolveRequest, resolve_alert
 from controller.api.deps import (
     AnyUserDep,
@@ -25,7 +26,6 @@ from controller.evidence_report import (
     compliance_status,
     machine_timeline,
     open_alerts,
-    resolve_period,
 )
 from controller.models import Role
 
@@ -33,17 +33,22 @@ router = APIRouter(tags=["compliance"])
 
 SiteQuery = Annotated[str | None, Query(max_length=128, description="site name (default: all)")]
 StartQuery = Annotated[
-    datetime | None, Query(description="ISO 8601; default 24 h before end (no zone: UTC)")
+    str | None,
+    Query(
+        max_length=64,
+        description="ISO 8601 with a zone, a date or now (see Times and periods); "
+        "default 24 h before end",
+    ),
 ]
-EndQuery = Annotated[datetime | None, Query(description="ISO 8601, exclusive; default now")]
+EndQuery = Annotated[
+    str | None, Query(max_length=64, description="the same form, excluded; default now")
+]
 
 
-def _period(
-    start: datetime | None, end: datetime | None, now: datetime
-) -> tuple[datetime, datetime]:
+def _period(start: str | None, end: str | None, now: datetime) -> tuple[datetime, datetime]:
     try:
-        return resolve_period(start, end, now)
-    except ValueError as exc:
+        return timefmt.resolve_period(start, end, now=now)
+    except timefmt.TimeFormatError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
 
 

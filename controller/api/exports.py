@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import secrets
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from controller import timefmt
 from controller.api.deps import Principal, SettingsDep, get_engine, require_roles
-from controller.cli.export import parse_period, parse_time
 from controller.db import session_scope
 from controller.errors import ControllerError
 from controller.exports.compliance_report import DEFAULT_REPEAT_THRESHOLD
@@ -44,7 +44,8 @@ JOB_ID = r"^[0-9a-f]{24}$"
 
 
 class ExportBody(BaseModel):
-    """What to export; times are ISO 8601 with a zone, the period ``FROM..TO``."""
+    """What to export; ``as_of`` and ``period`` follow docs/controller.md, "Times and periods"
+    (an ISO 8601 time with a zone, a date or ``now``; the period ``FROM..TO`` without TO)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -95,13 +96,14 @@ def _load(settings: Settings, job_id: str) -> ExportJob:
 
 
 def _to_request(body: ExportBody) -> ExportRequest:
+    now = datetime.now(UTC)
     try:
         return ExportRequest(
             kind=body.kind,
             formats=tuple(dict.fromkeys(body.formats)),
             lang=body.lang,
-            as_of=parse_time(body.as_of, "as_of") if body.as_of else None,
-            period=parse_period(body.period) if body.period else None,
+            as_of=timefmt.parse_instant(body.as_of, "as_of", now=now) if body.as_of else None,
+            period=timefmt.parse_period(body.period, "period", now=now) if body.period else None,
             site=body.site,
             state=body.state,
             model=body.model,

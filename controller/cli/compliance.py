@@ -3,13 +3,13 @@ evidence from the console (read-only). Errors are one line on stderr; bad option
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from controller import timefmt
 from controller.cli.context import context, fail
 from controller.cli.context import transaction as _session
 from controller.cli.context import wide_console as _console
@@ -28,51 +28,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 PeriodOpt = Annotated[
     str | None,
     typer.Option(
-        help="FROM..TO: dates (TO inclusive, e.g. 2026-11-01..2026-11-25) or ISO datetimes "
-        "(TO exclusive). Times without a zone are UTC."
+        help="FROM..TO, TO excluded, e.g. 2026-11-01..2026-11-26 (docs/controller.md, "
+        "Times and periods)."
     ),
 ]
 SinceOpt = Annotated[
-    str | None, typer.Option(help="The last N s/m/h/d up to now, e.g. 24h (the default).")
+    str | None, typer.Option(help="The last 15m, 12h, 7d … up to now (default 24h).")
 ]
-
-_SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_since(text: str) -> timedelta:
-    """``90m``, ``24h``, ``7d`` … as a duration; ValueError with the expected form."""
-    match = _SINCE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"--since {text!r}: expected a positive number and s, m, h or d, e.g. 24h")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def _bound(text: str, *, upper: bool) -> datetime:
-    text = text.strip()
-    try:
-        if len(text) == 10:  # a date: the whole day, so TO is inclusive
-            day = date.fromisoformat(text)
-            at = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return at + timedelta(days=1) if upper else at
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a date (YYYY-MM-DD) nor an ISO datetime") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def parse_period(text: str) -> tuple[datetime, datetime]:
-    """``FROM..TO`` as ``[start, end)``; ValueError naming what is wrong."""
-    first, sep, last = text.partition("..")
-    if not sep or not first.strip() or not last.strip():
-        raise ValueError(f"--period {text!r}: expected FROM..TO, e.g. 2026-11-01..2026-11-25")
-    try:
-        start, end = _bound(first, upper=False), _bound(last, upper=True)
-    except ValueError as exc:
-        raise ValueError(f"--period: {exc}") from None
-    if start >= end:
-        raise ValueError(f"--period {text!r}: FROM must be before TO")
-    return start, end
 
 
 def _period(period: str | None, since: str | None, now: datetime) -> tuple[datetime, datetime]:
@@ -80,9 +42,9 @@ def _period(period: str | None, since: str | None, now: datetime) -> tuple[datet
         fail("give --period or --since, not both", code=2)
     try:
         if period:
-            return parse_period(period)
-        return now - parse_since(since or "24h"), now
-    except ValueError as exc:
+            return timefmt.parse_period(period, "--period", now=now)
+        return timefmt.parse_since(since or "24h", "--since", now=now)
+    except timefmt.TimeFormatError as exc:
         fail(str(exc), code=2)
 
 
@@ -183,7 +145,9 @@ def _alerts_table(alerts: list[AlertView]) -> Table:
 
 def register(app: typer.Typer) -> None:
     """Add the ``compliance`` group and the ``alerts`` command to `asicfleet controller`."""
-    group = typer.Typer(help="Pool-compliance evidence: status over a period, timelines.")
+    group = typer.Typer(
+        help=f"Pool-compliance evidence: status over a period, timelines. {timefmt.HELP}"
+    )
     app.add_typer(group, name="compliance", no_args_is_help=True)
 
     @group.command("status")

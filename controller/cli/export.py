@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from controller import timefmt
 from controller.cli.context import context, fail
 from controller.cli.identity import AsOpt, StdinOpt, acting_user
 from controller.db import session_scope
@@ -28,35 +29,6 @@ from controller.exports.service import (
 )
 from controller.models import LifecycleState
 from controller.signing import load_or_create
-
-
-def parse_time(text: str, what: str) -> datetime:
-    """ISO 8601 with a zone (``2026-11-01T00:00Z``), a bare date (midnight UTC) or ``now``."""
-    value = text.strip()
-    if value.lower() == "now":
-        return datetime.now(UTC).replace(microsecond=0)
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"{what} {text!r} is not an ISO 8601 time (e.g. 2026-11-01T00:00Z) or 'now'"
-        ) from None
-    if parsed.tzinfo is None:
-        if len(value) == 10:  # a date alone: midnight UTC
-            return parsed.replace(tzinfo=UTC)
-        raise ValueError(f"{what} {text!r} has no time zone; add Z for UTC")
-    return parsed.astimezone(UTC)
-
-
-def parse_period(text: str) -> tuple[datetime, datetime]:
-    """``FROM..TO`` (each as :func:`parse_time`), TO after FROM."""
-    start, sep, end = text.partition("..")
-    if not sep or not start or not end:
-        raise ValueError(f"period {text!r} must look like 2026-10-01..2026-11-01")
-    lo, hi = parse_time(start, "period start"), parse_time(end, "period end")
-    if hi <= lo:
-        raise ValueError(f"period {text!r} ends before it starts")
-    return lo, hi
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -131,7 +103,7 @@ ZipOpt = Annotated[bool, typer.Option("--zip", help="Also write OUT.zip beside t
 def register(app: typer.Typer) -> None:
     """Add the ``export`` group to the `asicfleet controller` group."""
     group = typer.Typer(
-        help="Signed compliance exports: register, compliance report, audit log.",
+        help=f"Signed compliance exports: register, compliance report, audit log. {timefmt.HELP}",
         no_args_is_help=True,
     )
     app.add_typer(group, name="export")
@@ -139,11 +111,17 @@ def register(app: typer.Typer) -> None:
     @group.command("register")
     def register_(
         ctx: typer.Context,
-        as_of: Annotated[str, typer.Option("--as-of", help="e.g. 2026-11-01T00:00Z")],
+        as_of: Annotated[
+            str,
+            typer.Option("--as-of", help="e.g. 2026-11-01T00:00Z or now (see Times and periods)"),
+        ],
         out: OutOpt,
         period: Annotated[
             str | None,
-            typer.Option("--period", help="FROM..TO for measured averages and operating hours."),
+            typer.Option(
+                "--period",
+                help="FROM..TO (TO excluded) for measured averages and operating hours.",
+            ),
         ] = None,
         formats: FormatOpt = "csv,xlsx,pdf",
         lang: LangOpt = "en",
@@ -157,13 +135,14 @@ def register(app: typer.Typer) -> None:
         password_stdin: StdinOpt = False,
     ) -> None:
         """The machine register as it stood at --as-of, rebuilt from history."""
+        now = datetime.now(UTC)
         try:
             request = ExportRequest(
                 kind="register",
                 formats=parse_formats(formats),
                 lang=parse_lang(lang),
-                as_of=parse_time(as_of, "--as-of"),
-                period=parse_period(period) if period else None,
+                as_of=timefmt.parse_instant(as_of, "--as-of", now=now),
+                period=timefmt.parse_period(period, "--period", now=now) if period else None,
                 site=site,
                 state=_state(state),
                 model=model,
@@ -176,7 +155,12 @@ def register(app: typer.Typer) -> None:
     def compliance(
         ctx: typer.Context,
         period: Annotated[
-            str, typer.Option("--period", help="FROM..TO, e.g. 2026-10-01..2026-11-01")
+            str,
+            typer.Option(
+                "--period",
+                help="FROM..TO, TO excluded: 2026-10-01..2026-11-01 is October "
+                "(docs/controller.md, Times and periods).",
+            ),
         ],
         out: OutOpt,
         formats: FormatOpt = "csv,xlsx,pdf",
@@ -200,7 +184,7 @@ def register(app: typer.Typer) -> None:
                 kind="compliance",
                 formats=parse_formats(formats),
                 lang=parse_lang(lang),
-                period=parse_period(period),
+                period=timefmt.parse_period(period, "--period", now=datetime.now(UTC)),
                 site=site,
                 repeat_threshold=repeat_threshold,
             )

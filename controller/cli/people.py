@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from sqlmodel import Session, select
 
-from controller import accounts, enrollment, sites
+from controller import accounts, enrollment, sites, timefmt
 from controller.actors import Actor, cli_actor
 from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
@@ -189,7 +189,8 @@ def agent_token(
         list[str], typer.Option(help="CIDR the agent will report from (repeatable).")
     ],
     ttl: Annotated[
-        str | None, typer.Option(help="How long the token is valid, e.g. 30m, 1h, 2d.")
+        str | None,
+        typer.Option(help=f"How long the token is valid, e.g. 30m, 1h, 2d. {timefmt.HELP}"),
     ] = None,
     as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
@@ -199,8 +200,8 @@ def agent_token(
         lifetime = timedelta(seconds=context(ctx).settings().enrollment_ttl_s)
     else:
         try:
-            lifetime = enrollment.parse_duration(ttl)
-        except ValueError as exc:
+            lifetime = timefmt.parse_duration(ttl, "--ttl")
+        except timefmt.TimeFormatError as exc:
             fail(str(exc), code=2)
     actor = acting_user(
         ctx,
@@ -287,16 +288,16 @@ def login(
     as_user: Annotated[str, typer.Option("--as", metavar="USER", help="Your controller user.")],
     password_stdin: StdinOpt = False,
     ttl: Annotated[
-        str, typer.Option(help="How long the stored token works, e.g. 12h, 30d.")
+        str, typer.Option(help=f"How long the stored token works, e.g. 12h, 30d. {timefmt.HELP}")
     ] = DEFAULT_LOGIN_TTL,
 ) -> None:
     """Prove who you are once; later commands act as you without --as (token stored 0600)."""
     try:
-        lifetime = enrollment.parse_duration(ttl)
-    except ValueError as exc:
+        lifetime = timefmt.parse_duration(ttl, "--ttl")
+    except timefmt.TimeFormatError as exc:
         fail(str(exc), code=2)
     if not timedelta(minutes=1) <= lifetime <= timedelta(days=365):
-        fail(f"--ttl {ttl}: give between 1m and 365d", code=2)
+        fail(f"--ttl {ttl!r}: give between 1m and 365d", code=2)
     me = by_password(ctx, ByPassword(as_user, from_stdin=password_stdin))  # never a token
 
     def issue(session: Session) -> accounts.IssuedToken:

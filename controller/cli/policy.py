@@ -10,19 +10,18 @@ refused change.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 from sqlmodel import Session
 
 from contract.policy import DevFeePolicy, EnforcementMode
-from controller import bundles, exemptions, pool_policy
+from controller import bundles, exemptions, pool_policy, timefmt
 from controller.cli.context import fail
 from controller.cli.context import in_transaction as _run
 from controller.cli.context import validated as _validated
 from controller.cli.identity import AsOpt, StdinOpt, acting_user
-from controller.enrollment import parse_duration
 from controller.exemptions import ExemptionPublic, ExemptionRequest, ExemptionState
 from controller.models import utcnow
 from controller.pool_policy import (
@@ -42,7 +41,8 @@ policy_app = typer.Typer(
     help="A site's enforcement settings and the dry run of a change.", no_args_is_help=True
 )
 exemptions_app = typer.Typer(
-    help="Time-boxed exemptions of machines from pool enforcement.", no_args_is_help=True
+    help=f"Time-boxed exemptions of machines from pool enforcement. {timefmt.HELP}",
+    no_args_is_help=True,
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -372,16 +372,11 @@ def policy_preview(
 
 
 def _moment(text: str, option: str) -> datetime:
-    """A duration from now (``7d``, ``36h``) or an ISO timestamp (UTC when no zone is given)."""
+    """A duration from now (``7d``, ``36h``) or an instant (docs: Times and periods)."""
     try:
-        return utcnow() + parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        fail(f"{option} {text!r}: give a duration (7d, 36h) or a time (2026-12-01T08:00Z)", 2)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return timefmt.parse_moment(text, option, now=utcnow())
+    except timefmt.TimeFormatError as exc:
+        fail(str(exc), 2)
 
 
 def _exemption_line(view: ExemptionPublic) -> str:
@@ -398,8 +393,12 @@ def exemptions_request(
     ctx: typer.Context,
     machine: Annotated[str, typer.Argument(metavar="MACHINE", help="machine_id, MAC or IP")],
     reason: Annotated[str, typer.Option(help="Why the machine may run off policy.")],
-    until: Annotated[str, typer.Option(help="End: a duration (7d) or a time (ISO, UTC).")],
-    starts: Annotated[str | None, typer.Option(help="Start (default now).")] = None,
+    until: Annotated[
+        str, typer.Option(help="End: a duration from now (7d) or a time (2026-12-01T08:00Z).")
+    ],
+    starts: Annotated[
+        str | None, typer.Option(help="Start, in the same form (default now).")
+    ] = None,
     as_user: AsOpt = "",
     password_stdin: StdinOpt = False,
 ) -> None:

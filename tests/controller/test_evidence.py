@@ -304,7 +304,7 @@ def test_malware_machine_is_fixed_every_time_and_flagged_once_as_repeat_offender
     assert len(raised) == 1, "raised once per streak, not for every drift after the third"
     assert raised[0].severity == "critical" and farm.machine_id in raised[0].detail
 
-    result = cli("compliance", "status", "--period", "2026-03-02..2026-03-02", "--json")
+    result = cli("compliance", "status", "--period", "2026-03-02..2026-03-03", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     fleet = report["fleet"]

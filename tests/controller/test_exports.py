@@ -911,14 +911,14 @@ def test_audit_log_export_is_verifiable(
 @pytest.mark.usefixtures("officer")
 def test_bad_requests_are_usage_errors(cli: CliInvoker, engine: Engine, tmp_path: Path) -> None:
     cases = [
-        (["register", "--as-of", "yesterday", "--out", str(tmp_path / "a")], "not an ISO 8601 time"),
+        (["register", "--as-of", "yesterday", "--out", str(tmp_path / "a")], "expected an ISO 8601 time"),
         (["register", "--as-of", "2026-11-01T00:00", "--out", str(tmp_path / "a")], "no time zone"),
         (["register", "--as-of", AS_OF_2, "--format", "docx", "--out", str(tmp_path / "a")], "docx"),
         (["register", "--as-of", AS_OF_2, "--lang", "de", "--out", str(tmp_path / "a")], "--lang"),
         (["register", "--as-of", AS_OF_2, "--state", "lost", "--out", str(tmp_path / "a")], "--state"),
         (["register", "--as-of", AS_OF_2, "--site", "nowhere", "--out", str(tmp_path / "a")], "no site named"),
-        (["compliance", "--period", "2026-11-01..2026-10-01", "--out", str(tmp_path / "b")], "ends before"),
-        (["compliance", "--period", "2026-10-01", "--out", str(tmp_path / "b")], "must look like"),
+        (["compliance", "--period", "2026-11-01..2026-10-01", "--out", str(tmp_path / "b")], "FROM must be before TO"),
+        (["compliance", "--period", "2026-10-01", "--out", str(tmp_path / "b")], "expected FROM..TO"),
     ]  # fmt: skip
     for args, message in cases:
         result = cli("export", *args)
@@ -979,3 +979,27 @@ def test_api_runs_exports_in_the_background_for_auditors_only(
         app_client.get("/api/v1/exports/0123456789abcdef01234567", headers=inspector).status_code
         == 404
     )
+
+
+@pytest.mark.usefixtures("officer")
+def test_compliance_status_and_export_count_the_same_window(
+    cli: CliInvoker, history: dict[str, str], tmp_path: Path
+) -> None:
+    """One period string, one window: TO is excluded by both commands (docs/controller.md,
+    "Times and periods"). The second incident opens at 00:00 on the TO day, so a command that
+    took a bare-date TO as the whole day (the old `compliance status` rule) would count it."""
+    period = "2026-10-01..2026-10-25"
+    out = tmp_path / "cmp"
+    export(cli, "compliance", "--period", period, "--format", "csv", "--out", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    incidents = read_csv(out / "compliance_incidents.csv")[1]
+    status = cli("compliance", "status", "--period", period, "--json")
+    assert status.exit_code == 0, status.output
+    report = json.loads(status.output)
+    window = {"from": "2026-10-01T00:00:00Z", "to": "2026-10-25T00:00:00Z"}
+    assert manifest["request"]["period"] == window
+    assert {"from": report["start"], "to": report["end"]} == window
+    assert [row[2] for row in incidents] == ["2026-10-05T12:00:00Z"]
+    assert report["fleet"]["incidents_opened"] == len(incidents) == 1
+    machines = read_csv(out / "compliance_machines.csv")[1]
+    assert report["fleet"]["machines_tracked"] == len(machines) == 4

@@ -598,7 +598,10 @@ def test_cli_exemptions(engine: Engine, cli: CliInvoker, people: dict[str, TestU
         "--password-stdin",
         input=pw,
     )
-    assert nonsense.exit_code == 2 and "give a duration" in nonsense.output
+    assert (
+        nonsense.exit_code == 2
+        and "--until 'soon': expected a duration from now (7d, 36h)" in nonsense.output
+    )
     ok = cli("exemptions", "approve", "1", "--as", "cora", "--password-stdin", input=pw)
     assert ok.exit_code == 0 and "is active" in ok.output, ok.output
     listed = cli("exemptions", "list", "--site", "alpha", "--state", "active")
