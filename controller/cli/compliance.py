@@ -127,11 +127,15 @@ def _print_timeline(timeline: MachineTimeline) -> None:
 
 
 def _alerts_table(alerts: list[AlertView]) -> Table:
-    table = Table(title=f"{len(alerts)} open alert(s)", title_justify="left")
-    for name in ("at", "kind", "severity", "site", "machine", "agent", "detail"):
+    table = Table(
+        title=f"{len(alerts)} open alert(s); resolve one with `resolve-alert ID --reason …`",
+        title_justify="left",
+    )
+    for name in ("id", "at", "kind", "severity", "site", "machine", "agent", "detail"):
         table.add_column(name)
     for a in alerts:
         table.add_row(
+            str(a.id),
             _when(a.at),
             a.kind,
             a.severity,

@@ -412,6 +412,9 @@ def test_alerts_show_a_refused_policy_bundle(farm: Farm, cli: CliInvoker) -> Non
     assert [a["kind"] for a in json.loads(result.output)] == ["policy_refused"]
     result = cli("alerts")
     assert "signature does not verify" in result.output
+    # the table names each alert's id, which resolve-alert takes
+    row = next(line for line in result.output.splitlines() if "policy_refused" in line)
+    assert row.split("│")[1].strip() == str(alerts[0]["id"])
 
 
 def test_bad_input_is_a_one_line_error(farm: Farm, cli: CliInvoker) -> None:
