@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from contract import (
@@ -126,11 +126,19 @@ def track_compliance(
     pks = {pk for pk, _ in observations}
     ids = {mid for mid, _, _ in signals if mid}
     ips = {ip for mid, ip, _ in signals if not mid and ip}
-    conditions = [MACHINE.c.id.in_(sorted(pks))] if pks else []
+    conditions: list[ColumnElement[bool]] = [MACHINE.c.id.in_(sorted(pks))] if pks else []
+    # An event names its machine by id or address: only among the agent's own site's machines
+    # (and those with no site yet), as for every other item. Sites reuse private ranges, so an
+    # address inside the agent's segments may still be another site's machine.
+    own = (
+        MACHINE.c.site_id.is_(None)
+        if agent.site_id is None
+        else or_(MACHINE.c.site_id.is_(None), MACHINE.c.site_id == agent.site_id)
+    )
     if ids:
-        conditions.append(MACHINE.c.machine_id.in_(sorted(ids)))
+        conditions.append(and_(MACHINE.c.machine_id.in_(sorted(ids)), own))
     if ips:
-        conditions.append(MACHINE.c.current_ip.in_(sorted(ips)))
+        conditions.append(and_(MACHINE.c.current_ip.in_(sorted(ips)), own))
     if not conditions:
         return
     rows = conn.execute(

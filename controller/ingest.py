@@ -70,7 +70,7 @@ from controller.reconcile import (
     observation_may_matter,
     reconcile,
 )
-from controller.report_bounds import TimeWindow, clock_skew_s, damaged_key
+from controller.report_bounds import TimeWindow, clock_skew_s, damaged_key, refuse_fact_times
 from controller.settings import Settings
 from controller.tables import (
     AGENT,
@@ -225,6 +225,8 @@ def _ingest(
             ip_text = str(ip)
         at = item.at if isinstance(item, Event) else item.observed_at
         late = window.refuse(at, "at" if isinstance(item, Event) else "observed_at")
+        if late is None and isinstance(item, Event):
+            late = refuse_fact_times(window, item.data)
         if late is not None:
             refuse(kind, index, ip_text, OUT_OF_TIME, late, at=at.isoformat())
             return False

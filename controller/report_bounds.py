@@ -14,8 +14,10 @@ Three bounds (see ``docs/controller.md``, "Ingestion bounds"):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from controller.settings import Settings
 
@@ -54,6 +56,30 @@ class TimeWindow:
             limit = _span((self.received - self.earliest).total_seconds())
             return f"{what} {at.isoformat()} is older than {limit} (report_max_age_days)"
         return None
+
+
+FACT_TIMES = ("detected_at", "written_at", "verified_at")
+"""Instants inside an event's facts that the evidence uses as the time of what happened."""
+
+
+def refuse_fact_times(window: TimeWindow, data: Mapping[str, Any]) -> str | None:
+    """Why an event's fact times are refused (outside the window, or not an instant with a
+    zone), or None. The evidence dates drifts, writes and verifications by these, so they are
+    bounded exactly as the event's own ``at``."""
+    for key in FACT_TIMES:
+        value = data.get(key)
+        if value is None:
+            continue
+        try:
+            at = datetime.fromisoformat(value) if isinstance(value, str) else None
+        except ValueError:
+            at = None
+        if at is None or at.tzinfo is None:
+            return f"data.{key} is not a time with a zone"
+        why = window.refuse(at.astimezone(UTC), f"data.{key}")
+        if why is not None:
+            return why
+    return None
 
 
 def damaged_key(cleaned: list[str]) -> str | None:

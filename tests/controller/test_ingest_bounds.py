@@ -200,6 +200,42 @@ def test_an_agent_cannot_flip_another_sites_machine_by_mac_serial_or_machine_id(
     assert timeline_status(app_client, inspector.headers, m_b.machine_id) == "compliant"
 
 
+def test_an_enforcement_event_by_address_cannot_reach_another_sites_machine(
+    app_client: TestClient,
+    engine: Engine,
+    make_user: UserFactory,
+    two_sites: tuple[AgentCred, AgentCred],
+) -> None:
+    """A site-B machine now standing at an address of site A's LAN (carried over before it
+    was re-registered): an event that names a machine only by IP is resolved among site A's
+    machines, never B's."""
+    agent_a, agent_b = two_sites
+    inspector = make_user(Role.INSPECTOR)
+    now = utcnow()
+    ok(app_client, agent_b, batch(identities=[identity("10.50.0.7", MAC_B, SERIAL_B)]))
+    [m_b] = machines(engine)
+    worker = f"farm.{m_b.machine_id}"
+    hijacked = observation("10.50.0.7", now - timedelta(seconds=30), pools=pools(worker, evil=True))
+    ok(app_client, agent_b, batch(observations=[hijacked]))
+    assert timeline_status(app_client, inspector.headers, m_b.machine_id) == "non_compliant"
+    with Session(engine) as session:
+        moved = session.get(Machine, m_b.id)
+        assert moved is not None
+        moved.current_ip = "10.60.0.7"  # inside site A's segment, still site B's machine
+        session.add(moved)
+        session.commit()
+    # Site A's agent: "I saw the machine at 10.60.0.7 on the approved pools".
+    drift = {
+        "kind": "pool_drift",
+        "at": ts(now),
+        "ip": "10.60.0.7",
+        "data": {"observed": pools(worker), "detected_at": ts(now), "problems": ["x"]},
+    }
+    ok(app_client, agent_a, batch(events=[drift]))
+    assert timeline_status(app_client, inspector.headers, m_b.machine_id) == "non_compliant"
+    assert machine(engine, m_b.machine_id).site_id == agent_b.site_id
+
+
 def test_a_decommissioned_machine_moved_to_another_site_is_discovered_there(
     app_client: TestClient, engine: Engine, two_sites: tuple[AgentCred, AgentCred]
 ) -> None:
@@ -269,6 +305,55 @@ def test_items_dated_outside_the_window_are_refused_per_item(
     [logged] = events(engine, "report_refused")
     assert logged.data["by_reason"] == {"time": 5}
     assert logged.data["items"][1]["at"].startswith("2027-06-01")
+
+
+def test_times_inside_an_enforcement_event_are_bounded_like_its_own(
+    app_client: TestClient, engine: Engine, agent: AgentCred
+) -> None:
+    """The evidence dates a drift by its detected_at: one dated 9999 would pin the machine's
+    interval and hide every later poll."""
+    ok(app_client, agent, batch(identities=[identity("10.1.0.5", "aa:bb:cc:00:00:01", "SN1")]))
+    [m] = machines(engine)
+    now = utcnow()
+    worker = f"farm.{m.machine_id}"
+    far = {"9999": "9999-12-31T23:59:00+00:00", "1970": "1970-01-01T00:00:00+00:00"}
+    hostile = [
+        {
+            "kind": "pool_drift",
+            "at": ts(now),
+            "ip": "10.1.0.5",
+            "data": {"machine_id": m.machine_id, key: value, "observed": pools(worker)},
+        }
+        for key, value in (("detected_at", far["9999"]), ("verified_at", far["1970"]))
+    ]
+    hostile.append(
+        {"kind": "pool_drift", "at": ts(now), "ip": "10.1.0.5", "data": {"written_at": "soon"}}
+    )
+    ack = ok(app_client, agent, batch(events=hostile))
+    assert ack["events"] == 0
+    assert [r.split(": ", 1)[1].split(" ", 1)[0] for r in ack["refused"]] == [
+        "data.detected_at",
+        "data.verified_at",
+        "data.written_at",
+    ]
+    assert "ahead of the controller's clock" in ack["refused"][0]
+    assert ack["refused"][2].endswith("data.written_at is not a time with a zone")
+    # Real polls still decide: the machine is judged on what it reports.
+    ok(
+        app_client,
+        agent,
+        batch(observations=[observation("10.1.0.5", now, pools=pools(worker, evil=True))]),
+    )
+    with Session(engine) as session:
+        from controller.models import ComplianceInterval
+
+        [open_interval] = session.exec(
+            select(ComplianceInterval).where(
+                ComplianceInterval.machine_pk == m.id,
+                ComplianceInterval.ended_at == None,  # noqa: E711
+            )
+        ).all()
+    assert open_interval.status == "non_compliant"
 
 
 def test_skew_inside_the_allowance_is_accepted_and_measured(
