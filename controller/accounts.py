@@ -205,18 +205,25 @@ def _decoy_hash() -> str:
     return hash_password("decoy password that matches nothing")
 
 
-def login(session: Session, *, name: str, password: str, source: str) -> IssuedToken:
-    """Check a name and password and issue a session token (expires after LOGIN_TOKEN_TTL)."""
+def check_password(session: Session, name: str, password: str) -> User | None:
+    """The enabled user ``name`` if ``password`` is theirs, else None; the same work whether
+    the name exists or not. The one password check for the API's login and the console."""
     # A name no user can have (a NUL, a lone surrogate) is not looked up: drivers refuse them.
     user = None
     if name_problem(name) is None:
         user = session.exec(select(User).where(User.name == name)).first()
     if user is None:
         verify_password(_decoy_hash(), password)
-        ok = False
-    else:
-        ok = verify_password(user.password_hash, password) and not user.disabled
-    if user is None or not ok:
+        return None
+    if verify_password(user.password_hash, password) and not user.disabled:
+        return user
+    return None
+
+
+def login(session: Session, *, name: str, password: str, source: str) -> IssuedToken:
+    """Check a name and password and issue a session token (expires after LOGIN_TOKEN_TTL)."""
+    user = check_password(session, name, password)
+    if user is None:
         log.warning("failed login for user name %r from %s", name[:64], source)
         raise LoginFailed("invalid name or password")
     issued = _issue(session, user, LOGIN_TOKEN_NAME, utcnow() + LOGIN_TOKEN_TTL)

@@ -32,7 +32,7 @@ from controller.cli.context import context, fail
 from controller.cli.context import in_transaction as _run
 from controller.models import ApiToken, Role, User, utcnow
 from controller.pool_policy import CliUser
-from controller.security import USER_TOKEN_PREFIX, token_hash, verify_password
+from controller.security import USER_TOKEN_PREFIX, token_hash
 
 TOKEN_ENV = "ASICFLEET_TOKEN"
 TOKEN_FILE_NAME = "controller-token.json"
@@ -202,16 +202,12 @@ def _check_password(
 ) -> CliUser | None:
     """The user, if the password is right; behind the same throttle as the API's login, so
     the console is no way around a lockout (raises :class:`LoginThrottled`)."""
-    from controller.accounts import _decoy_hash
+    from controller.accounts import check_password
 
     now = utcnow()
     login_throttle.check(session, name, CLI_SOURCE, now)
-    user = session.exec(select(User).where(User.name == name)).first()
+    user = check_password(session, name, password)
     if user is None:
-        verify_password(_decoy_hash(), password)  # same time whether the name exists or not
-        login_throttle.record_failure(session, policy, name, CLI_SOURCE, now)
-        return None
-    if user.disabled or not verify_password(user.password_hash, password):
         login_throttle.record_failure(session, policy, name, CLI_SOURCE, now)
         return None
     login_throttle.record_success(session, name)
